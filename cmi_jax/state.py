@@ -1,0 +1,49 @@
+"""Train-state structs: classifiers (student/teacher training) with BN stats.
+
+The synthesis states (generator, head, latent) live in `cmi_jax.synthesis`.
+"""
+
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import optax
+from flax.training import train_state
+
+from cmi_jax import models
+
+
+class ClassifierState(train_state.TrainState):
+  """TrainState + BN running statistics (flax imagenet example layout)."""
+  batch_stats: Any
+
+
+def sgd(learning_rate: optax.ScalarOrSchedule, momentum: float, weight_decay: float,
+        nesterov: bool = False) -> optax.GradientTransformation:
+  """PyTorch-style SGD: weight decay added to the gradient of every parameter."""
+  return optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))
+
+
+def cosine_per_epoch(base_lr: float, epochs: int, steps_per_epoch: int) -> optax.Schedule:
+  """Cosine annealing stepped once per epoch (the reference's CosineAnnealingLR(T_max=epochs)).
+
+  lr(step) = base_lr * (1 + cos(pi * epoch / epochs)) / 2 with epoch = step // steps_per_epoch.
+  """
+  import jax.numpy as jnp
+  steps_per_epoch = max(int(steps_per_epoch), 1)
+
+  def schedule(step):
+    epoch = jnp.minimum(step // steps_per_epoch, epochs)
+    return base_lr * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / epochs))
+  return schedule
+
+
+def create_classifier_state(module: nn.Module, rng: jax.Array, input_shape: Sequence[int],
+                            tx: optax.GradientTransformation,
+                            variables: Optional[Any] = None) -> ClassifierState:
+  """Initializes (or wraps given) variables into a ClassifierState."""
+  if variables is None:
+    variables = models.init(module, rng, tuple(input_shape))
+  return ClassifierState.create(apply_fn=module.apply, params=variables['params'],
+                                batch_stats=variables['batch_stats'], tx=tx)

@@ -1,0 +1,360 @@
+"""The CMI synthesis round (Algorithm 1, CMI), as one pure jittable function.
+
+A round: re-initialize the generator, draw a trainable latent z, and for
+g_steps iterations render x = G(z), make a global view (crop + flip) and a
+local view (random resized crop + flip), run the frozen teacher once on both,
+compute L_inv = bn*L_bn + oh*L_oh + adv*L_adv on the global view and
+L_cr on [local, bank_local] vs [global, bank_global] through the head,
+and take one Adam step on (generator, z) and one on the head. The iterate of
+lowest total loss is tracked on device; at the end its images enter the image
+pool and its raw [local | global] features the memory bank.
+
+The whole round is one `lax.scan`: no host sync, no Python-side state. The
+same function runs the pixel-space variants (DeepInversion, the "w/o
+generator" ablation) through `SynthesisConfig.synthesizer='pixels'`.
+"""
+
+import dataclasses
+from typing import Any, Dict, NamedTuple, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from flax.training import train_state
+
+from cmi_jax import augment
+from cmi_jax.models import Generator, Head
+from cmi_jax.synthesis import losses
+from cmi_jax.synthesis.bank import RingBuffer, ring_add, ring_init, ring_sample_distinct
+from cmi_jax.teacher import Teacher
+
+SYNTHESIZERS = ('generator', 'pixels')
+VIEWS = ('cmi', 'jitter')
+OH_KINDS = ('targets', 'argmax')
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+  """Weights of the unified inversion loss (Eq. 4 + Eq. 9, CMI; section 5 baselines)."""
+  bn: float = 1.0
+  oh: float = 1.0
+  adv: float = 0.5
+  cr: float = 0.8
+  balance: float = 0.0
+  act: float = 0.0
+  tv: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthesisConfig:
+  """Every synthesis hyperparameter (hashable: a static jit argument)."""
+  image_shape: Tuple[int, int, int]
+  num_classes: int
+  mean: Tuple[float, ...]
+  std: Tuple[float, ...]
+  batch_size: int = 256
+  g_steps: int = 200
+  lr_g: float = 1e-3
+  betas: Tuple[float, float] = (0.5, 0.999)
+  lr_head: float = 1e-3
+  weights: LossWeights = LossWeights()
+  adv_kind: str = 'masked_kl'
+  adv_temperature: float = 1.0
+  oh_kind: str = 'targets'
+  cr_temperature: float = 0.1
+  n_neg: int = 4096
+  head_kind: str = 'mlp'
+  head_dim: int = 256
+  bank_size: int = 40960
+  pool_size: int = 50000
+  synthesizer: str = 'generator'
+  nz: int = 256
+  ngf: int = 64
+  views: str = 'cmi'
+  global_padding: int = 4
+  local_scale: Tuple[float, float] = (0.25, 1.0)
+  jitter: int = 4
+  dtype: str = 'float32'
+
+  def validate(self) -> 'SynthesisConfig':
+    """Raises ValueError naming the first bad field and its allowed values."""
+    checks = [
+        ('synthesizer', self.synthesizer in SYNTHESIZERS, f'one of {SYNTHESIZERS}'),
+        ('views', self.views in VIEWS, f'one of {VIEWS}'),
+        ('oh_kind', self.oh_kind in OH_KINDS, f'one of {OH_KINDS}'),
+        ('adv_kind', self.adv_kind in losses.ADV_KINDS, f'one of {losses.ADV_KINDS}'),
+        ('batch_size', self.batch_size >= 2, '>= 2'),
+        ('g_steps', self.g_steps >= 1, '>= 1'),
+        ('n_neg', self.n_neg >= 0, '>= 0'),
+        ('bank_size', self.bank_size >= 1, '>= 1'),
+        ('pool_size', self.pool_size >= self.batch_size, f'>= batch_size ({self.batch_size})'),
+        ('cr_temperature', self.cr_temperature > 0, '> 0'),
+        ('lr_g', self.lr_g > 0, '> 0'),
+        ('dtype', self.dtype in ('float32', 'bfloat16'), "'float32' or 'bfloat16'"),
+        ('image_shape', len(self.image_shape) == 3 and
+         (self.synthesizer == 'pixels' or self.image_shape[0] % 4 == 0 and
+          self.image_shape[1] % 4 == 0), 'H, W, C with H and W multiples of 4 for the generator'),
+        ('mean/std', len(self.mean) == len(self.std) == self.image_shape[2],
+         f'one value per channel ({self.image_shape[2]})'),
+    ]
+    for name, ok, allowed in checks:
+      if not ok:
+        raise ValueError(f'synthesis.{name}={getattr(self, name, None)!r} is invalid: '
+                         f'must be {allowed}.')
+    return self
+
+  @property
+  def compute_dtype(self):
+    return jnp.bfloat16 if self.dtype == 'bfloat16' else jnp.float32
+
+  def generator(self) -> Generator:
+    h, _, c = self.image_shape
+    return Generator(nz=self.nz, ngf=self.ngf, img_size=h, nc=c, large=False,
+                     dtype=self.compute_dtype)
+
+  def head(self) -> Head:
+    return Head(kind=self.head_kind, head_dim=self.head_dim)
+
+
+class SynthState(struct.PyTreeNode):
+  """What persists across rounds: the head and its Adam, the bank, the pool."""
+  head: train_state.TrainState
+  bank: RingBuffer   # [bank_size, 2D] float32 raw [local | global] teacher features
+  pool: RingBuffer   # {'images': [pool_size, H, W, C] uint8, 'targets': [pool_size] int32}
+  round: jax.Array   # int32 rounds done
+
+
+class RoundOutput(NamedTuple):
+  images: jax.Array            # [B, H, W, C] float32 in [0, 1], the lowest-loss iterate
+  targets: jax.Array           # [B] int32
+  metrics: Dict[str, jax.Array]
+
+
+def feature_dim(teacher: Teacher, image_shape) -> int:
+  """D: the width of the teacher's contrastive features."""
+  out = jax.eval_shape(lambda t: t(jnp.zeros((2,) + tuple(image_shape))), teacher)
+  return out.features.shape[-1]
+
+
+def init_state(cfg: SynthesisConfig, teacher: Teacher, rng: jax.Array) -> SynthState:
+  """Fresh head (+ Adam), empty bank and pool."""
+  d = feature_dim(teacher, cfg.image_shape)
+  head = cfg.head()
+  params = head.init(rng, jnp.zeros((1, d), jnp.float32))['params'] if cfg.head_kind != 'none' \
+      else {}
+  head_state = train_state.TrainState.create(apply_fn=head.apply, params=params,
+                                             tx=optax.adam(cfg.lr_head))
+  bank = ring_init(cfg.bank_size, jax.ShapeDtypeStruct((2 * d,), jnp.float32))
+  pool = ring_init(cfg.pool_size, {
+      'images': jax.ShapeDtypeStruct(tuple(cfg.image_shape), jnp.uint8),
+      'targets': jax.ShapeDtypeStruct((), jnp.int32)})
+  return SynthState(head_state, bank, pool, jnp.zeros((), jnp.int32))
+
+
+def to_uint8(x: jax.Array) -> jax.Array:
+  """[0, 1] float -> uint8, rounding to nearest (as saving a PNG does)."""
+  return jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+
+
+def _views(cfg: SynthesisConfig, rng: jax.Array, x: jax.Array) -> Tuple[jax.Array, Optional[jax.Array]]:
+  """Normalized (global, local) views of x in [0, 1]; local is None for 'jitter'."""
+  b, h, w, _ = x.shape
+  k_g, k_l = jax.random.split(rng)
+  if cfg.views == 'jitter':
+    warp = augment.roll_flip(k_g, b, (h, w), (cfg.jitter, cfg.jitter))
+    return augment.normalize(augment.apply_warp(x, warp), cfg.mean, cfg.std), None
+  xg = augment.apply_warp(x, augment.crop_flip(k_g, b, (h, w), cfg.global_padding))
+  xl = augment.apply_warp(x, augment.resized_crop_flip(k_l, b, (h, w), cfg.local_scale))
+  return augment.normalize(xg, cfg.mean, cfg.std), augment.normalize(xl, cfg.mean, cfg.std)
+
+
+def inversion_terms(cfg: SynthesisConfig, *, teacher_out, rows: int, targets: jax.Array,
+                    student_logits: Optional[jax.Array], x: jax.Array) -> Dict[str, jax.Array]:
+  """The weighted L_inv terms on the first `rows` rows of a teacher call (the global view).
+
+  Only terms with a non-zero weight are computed (static). Returns a dict of
+  unweighted terms; `weighted_sum` combines them.
+  """
+  w = cfg.weights
+  logits = teacher_out.logits[:rows]
+  terms = {}
+  if w.bn:
+    terms['bn'] = losses.bn_loss(teacher_out.bn, rows)
+  if w.oh:
+    oh_targets = targets if cfg.oh_kind == 'targets' else jnp.argmax(logits, -1)
+    terms['oh'] = losses.oh_loss(logits, jax.lax.stop_gradient(oh_targets))
+  if w.adv and student_logits is not None:
+    terms['adv'] = losses.adv_loss(teacher_logits=logits, student_logits=student_logits,
+                                   kind=cfg.adv_kind, temperature=cfg.adv_temperature)
+  if w.balance:
+    terms['balance'] = losses.balance_loss(logits)
+  if w.act:
+    terms['act'] = losses.activation_loss(teacher_out.penultimate[:rows])
+  if w.tv:
+    terms['tv'] = losses.tv_loss(x)
+  return terms
+
+
+def weighted_sum(cfg: SynthesisConfig, terms: Dict[str, jax.Array]) -> jax.Array:
+  return sum(getattr(cfg.weights, k) * v for k, v in terms.items())
+
+
+def _contrastive(cfg, head_state, head_params, feat_l, feat_g, bank_feats, bank_valid):
+  """L_cr through the head on [local, bank_local] vs [global, bank_global]."""
+  b = feat_l.shape[0]
+  if bank_feats is not None:
+    bank_l, bank_g = jnp.split(bank_feats, 2, axis=1)
+    feats = jnp.concatenate([feat_l, bank_l, feat_g, bank_g], axis=0)
+  else:
+    feats = jnp.concatenate([feat_l, feat_g], axis=0)
+  proj = head_state.apply_fn({'params': head_params}, feats)
+  p_l, p_g = jnp.split(proj, 2, axis=0)
+  return losses.contrastive_loss(p_l, p_g, b, bank_valid, cfg.cr_temperature)
+
+
+def _init_trainables(cfg: SynthesisConfig, rng: jax.Array):
+  """Round start: a freshly initialized generator + latent z, or raw pixels."""
+  k_g, k_z = jax.random.split(rng)
+  b = cfg.batch_size
+  if cfg.synthesizer == 'pixels':
+    # DeepInversion: pixels ~ N(0, 1) in normalized space.
+    return {'pixels': jax.random.normal(k_z, (b,) + tuple(cfg.image_shape), jnp.float32)}, None
+  z = jax.random.normal(k_z, (b, cfg.nz), jnp.float32)
+  variables = cfg.generator().init(k_g, z)
+  return {'generator': variables['params'], 'z': z}, variables['batch_stats']
+
+
+def _render(cfg: SynthesisConfig, trainables, gen_stats) -> jax.Array:
+  """Images in [0, 1], [B, H, W, C] float32."""
+  if cfg.synthesizer == 'pixels':
+    mean = jnp.asarray(cfg.mean, jnp.float32)
+    std = jnp.asarray(cfg.std, jnp.float32)
+    return trainables['pixels'] * std + mean
+  x, _ = cfg.generator().apply({'params': trainables['generator'], 'batch_stats': gen_stats},
+                               trainables['z'], train=True, mutable=['batch_stats'])
+  return x.astype(jnp.float32)
+
+
+def _clip_pixels(cfg: SynthesisConfig, trainables):
+  """Keeps pixel iterates inside the valid image range (DeepInversion's clip)."""
+  if cfg.synthesizer != 'pixels':
+    return trainables
+  mean = jnp.asarray(cfg.mean, jnp.float32)
+  std = jnp.asarray(cfg.std, jnp.float32)
+  return {'pixels': jnp.clip(trainables['pixels'], -mean / std, (1.0 - mean) / std)}
+
+
+def synthesis_round(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Teacher],
+                    state: SynthState, rng: jax.Array,
+                    targets: Optional[jax.Array] = None) -> Tuple[SynthState, RoundOutput]:
+  """One CMI round (g_steps iterations); pure, jit it with `cfg` static.
+
+  Args:
+    cfg: synthesis hyperparameters.
+    teacher: frozen teacher.
+    student: frozen student for the adversarial term (None disables L_adv).
+    state: head, bank and pool from the previous rounds.
+    rng: this round's key (e.g. fold_in(synthesis_key, round_index)).
+    targets: [B] class ids; default random, sorted (as the reference).
+  Returns:
+    (new state with the round's best images in the pool and features in the
+    bank, RoundOutput with the images, targets and per-step metrics).
+  """
+  b = cfg.batch_size
+  k_init, k_t, k_steps = jax.random.split(rng, 3)
+  if targets is None:
+    targets = jnp.sort(jax.random.randint(k_t, (b,), 0, cfg.num_classes))
+  trainables, gen_stats = _init_trainables(cfg, k_init)
+  opt = optax.adam(cfg.lr_g, b1=cfg.betas[0], b2=cfg.betas[1])
+  use_cr = cfg.weights.cr > 0 and cfg.views == 'cmi'
+  use_adv = cfg.weights.adv > 0 and student is not None
+  use_bank = use_cr and cfg.n_neg > 0
+
+  def loss_fn(trainables, head_params, key, bank_feats, bank_valid):
+    k_views, _ = jax.random.split(key)
+    x = _render(cfg, trainables, gen_stats)
+    xg, xl = _views(cfg, k_views, x)
+    views = xg if xl is None else jnp.concatenate([xg, xl], axis=0)
+    out = teacher(views.astype(cfg.compute_dtype))
+    s_logits = student(xg.astype(cfg.compute_dtype), taps=False).logits if use_adv else None
+    terms = inversion_terms(cfg, teacher_out=out, rows=b, targets=targets,
+                            student_logits=s_logits, x=x)
+    feats = out.features if out.features is not None else jnp.zeros((views.shape[0], 0))
+    feat_g = feats[:b]
+    feat_l = feats[b:] if xl is not None else feat_g
+    if use_cr:
+      terms['cr'] = _contrastive(cfg, state.head, head_params, feat_l, feat_g, bank_feats,
+                                 bank_valid)
+    loss = weighted_sum(cfg, terms)
+    aux = {'x': x, 'features': jnp.concatenate([feat_l, feat_g], axis=1),
+           'logits': out.logits[:b], 'terms': terms}
+    return loss, aux
+
+  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+
+  def step(carry, key):
+    trainables, opt_state, head, best, i = carry
+    k_loss, k_bank = jax.random.split(key)
+    bank_feats, bank_valid = (ring_sample_distinct(state.bank, k_bank, cfg.n_neg)
+                              if use_bank else (None, None))
+    (loss, aux), (g_t, g_h) = grad_fn(trainables, head.params, k_loss, bank_feats, bank_valid)
+    updates, new_opt_state = opt.update(g_t, opt_state, trainables)
+    new_trainables = _clip_pixels(cfg, optax.apply_updates(trainables, updates))
+    new_head = head.apply_gradients(grads=g_h) if use_cr else head
+    # A non-finite step changes nothing; a NaN loss never compares lower, so it
+    # is never kept either, while the first finite iterate always is.
+    ok = jnp.isfinite(loss) & _all_finite((g_t, g_h))
+    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
+    cand = {'loss': loss, 'x': aux['x'], 'features': aux['features'], 'logits': aux['logits'],
+            'step': i}
+    better = loss < best['loss']
+    best = jax.tree_util.tree_map(lambda n, o: jnp.where(better, n, o), cand, best)
+    row = {'loss': loss, **{f'l_{k}': v for k, v in aux['terms'].items()}}
+    return (keep(new_trainables, trainables), keep(new_opt_state, opt_state),
+            keep(new_head, head), best, i + 1), row
+
+  d2 = state.bank.data.shape[-1]
+  best0 = {'loss': jnp.array(jnp.inf, jnp.float32),
+           'x': jnp.zeros((b,) + tuple(cfg.image_shape), jnp.float32),
+           'features': jnp.zeros((b, d2), jnp.float32),
+           'logits': jnp.zeros((b, cfg.num_classes), jnp.float32),
+           'step': jnp.zeros((), jnp.int32)}
+  carry0 = (trainables, opt.init(trainables), state.head, best0, jnp.zeros((), jnp.int32))
+  (_, _, head, best, _), rows = jax.lax.scan(step, carry0,
+                                             jax.random.split(k_steps, cfg.g_steps))
+
+  ok = jnp.isfinite(best['loss'])
+  bank = ring_add(state.bank, best['features'], ok) if use_cr else state.bank
+  pool = ring_add(state.pool, {'images': to_uint8(best['x']), 'targets': targets}, ok)
+  new_state = SynthState(head, bank, pool, state.round + 1)
+  metrics = dict(rows)
+  metrics.update(_diagnostics(best['logits'], best['features'], targets, cfg.num_classes))
+  metrics['best_loss'] = best['loss']
+  metrics['best_step'] = best['step']
+  return new_state, RoundOutput(best['x'], targets, metrics)
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = jax.tree_util.tree_leaves(tree)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
+
+
+def _diagnostics(logits, features, targets, num_classes) -> Dict[str, jax.Array]:
+  """Synthesis quality signals for the round's kept images (teacher's view).
+
+  confidence: mean max softmax; target_accuracy: % argmax == target;
+  class_entropy: entropy (nats) of the argmax histogram (log K = balanced);
+  feature_diversity: 1 - mean pairwise cosine similarity of global features.
+  """
+  p = jax.nn.softmax(logits, -1)
+  pred = jnp.argmax(logits, -1)
+  hist = jnp.bincount(pred, length=num_classes) / pred.shape[0]
+  entropy = -jnp.sum(jnp.where(hist > 0, hist * jnp.log(jnp.where(hist > 0, hist, 1.0)), 0.0))
+  f = features[:, features.shape[1] // 2:]
+  f = f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
+  n = f.shape[0]
+  sim = (jnp.sum(f @ f.T) - n) / jnp.maximum(n * (n - 1), 1)
+  return {'confidence': jnp.mean(jnp.max(p, -1)),
+          'target_accuracy': 100.0 * jnp.mean(pred == targets),
+          'class_entropy': entropy, 'feature_diversity': 1.0 - sim}

@@ -1,0 +1,151 @@
+"""Trains a classifier on real labeled data: teachers, and students from scratch.
+
+  python -m experiments.train_teacher --config=configs/teacher_fashion_mnist.py \
+      --workdir=runs/teacher_wrn_16_2
+
+Evaluates on the test split every epoch, logs to <workdir>/metrics.jsonl,
+checkpoints the full train state (orbax) every `log.checkpoint_every_steps`
+steps and at each epoch end, and resumes from the latest checkpoint when the
+same workdir is used again (mid-epoch too: the shuffling of every epoch is a
+function of (seed, epoch), so a resumed run sees the same batches). At the end
+the teacher is exported to <workdir>/teacher (or `export_dir`) in the format
+`cmi_jax.teacher_io.load_teacher` reads.
+"""
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from cmi_jax import augment, data, models
+from cmi_jax.checkpoint import Checkpointer, abstract
+from cmi_jax.distill import classifier_step, evaluate, make_eval_fn, supervised_loss
+from cmi_jax.report import MetricWriter
+from cmi_jax.state import create_classifier_state, sgd
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (checkpoints, metrics, teacher).')
+
+
+def _limit(split: data.Split, n: int) -> data.Split:
+  return data.Split(split.images[:n], split.labels[:n]) if n else split
+
+
+def train(cfg, workdir: str) -> dict:
+  """Runs (or resumes) the training described by `cfg`; returns the summary dict."""
+  info = data.get_info(cfg.data.name)
+  data_dir = cfg.data.dir or None
+  train_split = _limit(data.load(cfg.data.name, 'train', data_dir, cfg.data.backend),
+                       cfg.data.train_limit)
+  test_split = _limit(data.load(cfg.data.name, 'test', data_dir, cfg.data.backend),
+                      cfg.data.test_limit)
+  n, bs = len(train_split.labels), cfg.train.batch_size
+  if bs > n:
+    raise ValueError(f'train.batch_size={bs} exceeds the {n} training images.')
+  steps_per_epoch = n // bs
+  total_steps = steps_per_epoch * cfg.train.epochs
+
+  module = models.get(cfg.model.arch, info.num_classes)
+  schedule = optax.cosine_decay_schedule(cfg.train.lr, total_steps)
+  tx = sgd(schedule, cfg.train.momentum, cfg.train.weight_decay, cfg.train.nesterov)
+  root = jax.random.key(cfg.seed)
+  init_key, aug_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
+  state = create_classifier_state(module, init_key, (1,) + info.image_shape, tx)
+
+  # Resume order: the workdir's latest checkpoint, else a fresh init.
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'))
+  restored = ckpt.restore(abstract(state))
+  history = []
+  if restored is not None:
+    state, meta = restored
+    history = meta.get('history', [])
+    logging.info('Resumed from step %d (%s).', int(state.step), ckpt.directory)
+
+  images = jnp.asarray(train_split.images)  # device-resident training set
+  labels = jnp.asarray(train_split.labels)
+
+  @jax.jit
+  def train_step(state, images, labels, idx):
+    rng = jax.random.fold_in(aug_key, state.step)
+    x = augment.standard_train_view(rng, images[idx], info.crop_padding, info.flip,
+                                    info.mean, info.std)
+    y = labels[idx]
+    state, m = classifier_step(state, x, supervised_loss(y))
+    acc = jnp.mean(jnp.argmax(m['logits'], -1) == y)
+    return state, {'loss': m['loss'], 'accuracy': 100.0 * acc, 'lr': schedule(state.step - 1)}
+
+  eval_fn = make_eval_fn(module.apply, info.mean, info.std)
+  writer = MetricWriter(workdir)
+  writer.write_json('config.json', cfg.to_dict())
+
+  def save(step):
+    ckpt.save(step, state, {'step': step, 'history': history, 'arch': cfg.model.arch})
+
+  step = int(state.step)
+  bar = tqdm(total=total_steps, initial=step, desc=f'train {cfg.model.arch}', unit='step',
+             dynamic_ncols=True)
+  t0 = time.time()
+  while step < total_steps:
+    epoch = step // steps_per_epoch
+    order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+    for i in range(step % steps_per_epoch, steps_per_epoch):
+      idx = jnp.asarray(order[i * bs:(i + 1) * bs])
+      state, metrics = train_step(state, images, labels, idx)
+      step += 1
+      bar.update(1)
+      if step % cfg.log.every_steps == 0:
+        m = {k: float(v) for k, v in metrics.items()}
+        writer.write_scalars(step, {f'train/{k}': v for k, v in m.items()})
+        bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.1f}")
+      if step % cfg.log.checkpoint_every_steps == 0 and step % steps_per_epoch:
+        save(step)
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    ev = evaluate(eval_fn, variables, test_split.images, test_split.labels,
+                  cfg.train.eval_batch_size)
+    history.append({'epoch': epoch + 1, 'step': step, 'test_accuracy': ev['accuracy'],
+                    'test_loss': ev['loss']})
+    writer.write_scalars(step, {'epoch': epoch + 1, 'test/accuracy': ev['accuracy'],
+                                'test/loss': ev['loss'], 'elapsed_s': time.time() - t0})
+    bar.write(f'epoch {epoch + 1}/{cfg.train.epochs}: test accuracy {ev["accuracy"]:.2f}% '
+              f'loss {ev["loss"]:.4f}')
+    save(step)
+  bar.close()
+
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  final = history[-1] if history else {}
+  export_dir = cfg.export_dir or os.path.join(workdir, 'teacher')
+  from cmi_jax import teacher_io  # pylint: disable=g-import-not-at-top
+  teacher_io.save_teacher(
+      export_dir, arch=cfg.model.arch, num_classes=info.num_classes,
+      input_shape=info.image_shape, variables=variables,
+      meta={'dataset': cfg.data.name, 'test_accuracy': final.get('test_accuracy'),
+            'epochs': cfg.train.epochs, 'steps': step, 'seed': cfg.seed})
+  summary = {'arch': cfg.model.arch, 'dataset': cfg.data.name,
+             'test_accuracy': final.get('test_accuracy'), 'history': history,
+             'teacher_dir': os.path.abspath(export_dir)}
+  writer.write_json('summary.json', summary)
+  writer.close()
+  ckpt.close()
+  return summary
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  cfg = _CONFIG.value
+  workdir = _WORKDIR.value or os.path.join('runs', f'train_{cfg.data.name}_{cfg.model.arch}')
+  summary = train(cfg, workdir)
+  print(f"Done: {summary['arch']} on {summary['dataset']}: test accuracy "
+        f"{summary['test_accuracy']:.2f}%; teacher saved to {summary['teacher_dir']}")
+
+
+if __name__ == '__main__':
+  flags.mark_flag_as_required('config')
+  app.run(main)
