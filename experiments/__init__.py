@@ -1,0 +1,1 @@
+"""Command-line entry points (absl); the only code that reads whole configs."""
