@@ -11,6 +11,7 @@ import json
 import pathlib
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
+import flax
 import flax.linen as nn
 import orbax.checkpoint as ocp
 
@@ -49,8 +50,9 @@ def save_teacher(out_dir, *, arch: str, num_classes: int, input_shape: Sequence[
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / CARD_FILE).unlink(missing_ok=True)  # the card is written last: its presence = complete
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(out_dir / VARIABLES_DIR, {c: variables[c] for c in _COLLECTIONS},
-                    force=overwrite)
+  # Plain dicts on disk, so the restore target from eval_shape has the same structure.
+  tree = {c: flax.core.unfreeze(variables[c]) for c in _COLLECTIONS}
+  checkpointer.save(out_dir / VARIABLES_DIR, tree, force=overwrite)
   checkpointer.wait_until_finished()
   checkpointer.close()
   (out_dir / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True) + '\n')
