@@ -22,6 +22,14 @@ CARD_FILE = 'teacher.json'
 _COLLECTIONS = ('params', 'batch_stats')
 
 
+def _json_scalar(value):
+  """numpy/jax scalars and small arrays (e.g. an accuracy metric) as JSON values."""
+  if hasattr(value, 'tolist'):
+    return value.tolist()
+  raise TypeError(f'meta value {value!r} ({type(value).__name__}) is not JSON-serializable; '
+                  'pass numbers, strings, lists or dicts.')
+
+
 def save_teacher(out_dir, *, arch: str, num_classes: int, input_shape: Sequence[int],
                  variables: Mapping[str, Any], meta: Optional[Mapping[str, Any]] = None,
                  overwrite: bool = False) -> pathlib.Path:
@@ -47,6 +55,8 @@ def save_teacher(out_dir, *, arch: str, num_classes: int, input_shape: Sequence[
                           'choose another directory.')
   card = {'arch': arch, 'num_classes': int(num_classes),
           'input_shape': [int(d) for d in input_shape], 'meta': dict(meta or {})}
+  # Serialized before anything is written, so an unserializable meta leaves no half teacher.
+  card_text = json.dumps(card, indent=2, sort_keys=True, default=_json_scalar) + '\n'
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / CARD_FILE).unlink(missing_ok=True)  # the card is written last: its presence = complete
   checkpointer = ocp.StandardCheckpointer()
@@ -55,7 +65,7 @@ def save_teacher(out_dir, *, arch: str, num_classes: int, input_shape: Sequence[
   checkpointer.save(out_dir / VARIABLES_DIR, tree, force=overwrite)
   checkpointer.wait_until_finished()
   checkpointer.close()
-  (out_dir / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True) + '\n')
+  (out_dir / CARD_FILE).write_text(card_text)
   return out_dir
 
 

@@ -364,6 +364,14 @@ def test_teacher_save_load_round_trip(tmp_path):
     teacher_io.load_teacher(out, num_classes=100)
 
 
+def test_teacher_meta_accepts_numpy_scalars(tmp_path):
+  variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), _abstract('wrn_16_1'))
+  out = teacher_io.save_teacher(tmp_path / 't', arch='wrn_16_1', num_classes=np.int64(10),
+                                input_shape=(32, 32, 3), variables=variables,
+                                meta={'test_accuracy': np.float32(91.5)})
+  assert teacher_io.load_teacher(out)[2]['meta'] == {'test_accuracy': 91.5}
+
+
 def test_teacher_missing_or_incomplete(tmp_path):
   with pytest.raises(FileNotFoundError, match=f'No teacher at {tmp_path / "nope"}'):
     teacher_io.load_teacher(tmp_path / 'nope')
