@@ -125,7 +125,8 @@ def train(cfg, workdir: str) -> dict:
       export_dir, arch=cfg.model.arch, num_classes=info.num_classes,
       input_shape=info.image_shape, variables=variables,
       meta={'dataset': cfg.data.name, 'test_accuracy': final.get('test_accuracy'),
-            'epochs': cfg.train.epochs, 'steps': step, 'seed': cfg.seed})
+            'epochs': cfg.train.epochs, 'steps': step, 'seed': cfg.seed},
+      overwrite=True)  # re-running a finished workdir re-exports the same weights
   summary = {'arch': cfg.model.arch, 'dataset': cfg.data.name,
              'test_accuracy': final.get('test_accuracy'), 'history': history,
              'teacher_dir': os.path.abspath(export_dir)}

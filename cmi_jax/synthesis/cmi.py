@@ -30,6 +30,7 @@ from cmi_jax.synthesis.bank import RingBuffer, ring_add, ring_init, ring_sample_
 from cmi_jax.teacher import Teacher
 
 SYNTHESIZERS = ('generator', 'pixels')
+GENERATORS = ('cmi', 'large')
 VIEWS = ('cmi', 'jitter')
 OH_KINDS = ('targets', 'argmax')
 
@@ -69,6 +70,8 @@ class SynthesisConfig:
   bank_size: int = 40960
   pool_size: int = 50000
   synthesizer: str = 'generator'
+  generator: str = 'cmi'       # 'cmi' (2*ngf) or 'large' (4*ngf, GAN baselines)
+  reinit: bool = True          # re-initialize the generator every round (CMI)
   nz: int = 256
   ngf: int = 64
   views: str = 'cmi'
@@ -81,6 +84,7 @@ class SynthesisConfig:
     """Raises ValueError naming the first bad field and its allowed values."""
     checks = [
         ('synthesizer', self.synthesizer in SYNTHESIZERS, f'one of {SYNTHESIZERS}'),
+        ('generator', self.generator in GENERATORS, f'one of {GENERATORS}'),
         ('views', self.views in VIEWS, f'one of {VIEWS}'),
         ('oh_kind', self.oh_kind in OH_KINDS, f'one of {OH_KINDS}'),
         ('adv_kind', self.adv_kind in losses.ADV_KINDS, f'one of {losses.ADV_KINDS}'),
@@ -108,12 +112,12 @@ class SynthesisConfig:
   def compute_dtype(self):
     return jnp.bfloat16 if self.dtype == 'bfloat16' else jnp.float32
 
-  def generator(self) -> Generator:
+  def make_generator(self) -> Generator:
     h, _, c = self.image_shape
-    return Generator(nz=self.nz, ngf=self.ngf, img_size=h, nc=c, large=False,
-                     dtype=self.compute_dtype)
+    return Generator(nz=self.nz, ngf=self.ngf, img_size=h, nc=c,
+                     large=self.generator == 'large', dtype=self.compute_dtype)
 
-  def head(self) -> Head:
+  def make_head(self) -> Head:
     return Head(kind=self.head_kind, head_dim=self.head_dim)
 
 
@@ -140,7 +144,7 @@ def feature_dim(teacher: Teacher, image_shape) -> int:
 def init_state(cfg: SynthesisConfig, teacher: Teacher, rng: jax.Array) -> SynthState:
   """Fresh head (+ Adam), empty bank and pool."""
   d = feature_dim(teacher, cfg.image_shape)
-  head = cfg.head()
+  head = cfg.make_head()
   params = head.init(rng, jnp.zeros((1, d), jnp.float32))['params'] if cfg.head_kind != 'none' \
       else {}
   head_state = train_state.TrainState.create(apply_fn=head.apply, params=params,
@@ -221,7 +225,7 @@ def _init_trainables(cfg: SynthesisConfig, rng: jax.Array):
     # DeepInversion: pixels ~ N(0, 1) in normalized space.
     return {'pixels': jax.random.normal(k_z, (b,) + tuple(cfg.image_shape), jnp.float32)}, None
   z = jax.random.normal(k_z, (b, cfg.nz), jnp.float32)
-  variables = cfg.generator().init(k_g, z)
+  variables = cfg.make_generator().init(k_g, z)
   return {'generator': variables['params'], 'z': z}, variables['batch_stats']
 
 
@@ -231,7 +235,7 @@ def _render(cfg: SynthesisConfig, trainables, gen_stats) -> jax.Array:
     mean = jnp.asarray(cfg.mean, jnp.float32)
     std = jnp.asarray(cfg.std, jnp.float32)
     return trainables['pixels'] * std + mean
-  x, _ = cfg.generator().apply({'params': trainables['generator'], 'batch_stats': gen_stats},
+  x, _ = cfg.make_generator().apply({'params': trainables['generator'], 'batch_stats': gen_stats},
                                trainables['z'], train=True, mutable=['batch_stats'])
   return x.astype(jnp.float32)
 

@@ -1,0 +1,122 @@
+"""Methods as presets of the one unified inversion loss (reference-facts section 5).
+
+A preset is a set of overrides of the `synthesis` and `kd` config sections
+(field names of `SynthesisConfig` / the runner's kd section). The same table
+serves the ml_collections configs (`apply_to_config`) and the library API
+(`apply_to_synthesis_config`), so a method is defined in exactly one place.
+
+Baselines (reference scripts, CIFAR-10 wrn_40_2 -> wrn_16_1):
+  cmi       bn 1, oh 1, adv 0.5 (decision-adversarial), cr 0.8; generator re-init per round.
+  deepinv   pixels N(0,1) in normalized space, Adam lr 0.1 betas (0.5, 0.99), 1000
+            steps/round, roll+flip jitter, bn 10, oh 1, adv 1 (-JS at T=3), TV 0.001.
+  dafl/zskt/dfq/dfad  the large generator trained continuously (never re-initialized),
+            1 generator step per round on a fresh z batch, then kd_steps student steps on
+            fresh generator samples (no image pool); oh on the teacher's own argmax;
+            adv = -KL at T=1 without mask (DFAD: -L1 of logits); KD loss = that same
+            criterion (KL at T=1; DFAD L1), as the reference code does.
+Ablations (Table 4 of the paper, CMI on top): no contrast (cr 0), no decision-adversarial
+term (adv 0), no generator (pixel updates with CMI's views), head none / linear / mlp.
+Two-stage (Table 1 "adversarial"): a non-adversarial pre-inversion of a fixed set, then
+adversarial CMI with kd_steps 2000 (`kd.pre_rounds` rounds with adv 0 and no KD first).
+"""
+
+import dataclasses
+from typing import Any, Dict
+
+GAN_COMMON = {
+    'synthesis': {'synthesizer': 'generator', 'generator': 'large', 'reinit': False,
+                  'g_steps': 1, 'oh_kind': 'argmax', 'adv_kind': 'kl', 'adv_temperature': 1.0,
+                  'lr_g': 1e-3, 'betas': (0.5, 0.999), 'nz': 256,
+                  'weights': {'cr': 0.0, 'tv': 0.0}},
+    'kd': {'mode': 'fresh', 'loss': 'kl', 'temperature': 1.0},
+}
+
+
+def _merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
+  out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+  for k, v in extra.items():
+    out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) else v
+  return out
+
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    'cmi': {
+        'synthesis': {'synthesizer': 'generator', 'generator': 'cmi', 'reinit': True,
+                      'views': 'cmi', 'adv_kind': 'masked_kl', 'adv_temperature': 1.0,
+                      'oh_kind': 'targets', 'head_kind': 'mlp',
+                      'weights': {'bn': 1.0, 'oh': 1.0, 'adv': 0.5, 'cr': 0.8,
+                                  'balance': 0.0, 'act': 0.0, 'tv': 0.0}},
+        'kd': {'mode': 'pool', 'loss': 'kl'},
+    },
+    'deepinv': {
+        'synthesis': {'synthesizer': 'pixels', 'views': 'jitter', 'g_steps': 1000, 'lr_g': 0.1,
+                      'betas': (0.5, 0.99), 'adv_kind': 'js', 'adv_temperature': 3.0,
+                      'oh_kind': 'targets',
+                      'weights': {'bn': 10.0, 'oh': 1.0, 'adv': 1.0, 'cr': 0.0,
+                                  'balance': 0.0, 'act': 0.0, 'tv': 0.001}},
+        'kd': {'mode': 'pool', 'loss': 'kl'},
+    },
+    'dafl': _merge(GAN_COMMON, {
+        'synthesis': {'nz': 512, 'weights': {'bn': 0.0, 'oh': 1.0, 'adv': 0.0, 'act': 0.001,
+                                             'balance': 20.0}},
+        'kd': {'kd_steps': 5}}),
+    'zskt': _merge(GAN_COMMON, {
+        'synthesis': {'weights': {'bn': 0.0, 'oh': 0.0, 'adv': 1.0, 'act': 0.0,
+                                  'balance': 0.0}},
+        'kd': {'kd_steps': 5}}),
+    'dfq': _merge(GAN_COMMON, {
+        'synthesis': {'weights': {'bn': 1.0, 'oh': 1.0, 'adv': 1.0, 'act': 0.0,
+                                  'balance': 20.0}},
+        'kd': {'kd_steps': 10}}),
+    'dfad': _merge(GAN_COMMON, {
+        'synthesis': {'adv_kind': 'l1',
+                      'weights': {'bn': 0.0, 'oh': 0.0, 'adv': 1.0, 'act': 0.0,
+                                  'balance': 0.0}},
+        'kd': {'kd_steps': 5, 'loss': 'l1'}}),
+}
+
+# Ablations of the paper's Table 4, each CMI with one change.
+PRESETS['cmi_no_contrast'] = _merge(PRESETS['cmi'], {'synthesis': {'weights': {'cr': 0.0}}})
+PRESETS['cmi_no_adv'] = _merge(PRESETS['cmi'], {'synthesis': {'weights': {'adv': 0.0}}})
+PRESETS['cmi_no_generator'] = _merge(PRESETS['cmi'], {
+    'synthesis': {'synthesizer': 'pixels', 'lr_g': 0.1, 'betas': (0.5, 0.99)}})
+PRESETS['cmi_head_none'] = _merge(PRESETS['cmi'], {'synthesis': {'head_kind': 'none'}})
+PRESETS['cmi_head_linear'] = _merge(PRESETS['cmi'], {'synthesis': {'head_kind': 'linear'}})
+PRESETS['cmi_head_mlp'] = PRESETS['cmi']
+# Table 1 "adversarial": non-adversarial pre-inversion (stage 1) then adversarial CMI.
+PRESETS['cmi_two_stage'] = _merge(PRESETS['cmi'], {
+    'synthesis': {'weights': {'oh': 0.5}},
+    'kd': {'pre_rounds': 196, 'pre_adv': 0.0, 'pre_oh': 1.0, 'kd_steps': 2000, 'ep_steps': 2000,
+           'epochs': 40}})
+
+
+def get(name: str) -> Dict[str, Any]:
+  if name not in PRESETS:
+    raise ValueError(f'Unknown method {name!r}; choose one of {sorted(PRESETS)} '
+                     '(config field `method`).')
+  return PRESETS[name]
+
+
+def apply_to_config(config, name: str) -> None:
+  """Writes preset `name` into an ml_collections ConfigDict (sections synthesis, kd)."""
+  def write(section, values, path):
+    for k, v in values.items():
+      if isinstance(v, dict):
+        write(section[k], v, f'{path}.{k}')
+      else:
+        if k not in section:
+          raise KeyError(f'preset {name!r} sets unknown config field {path}.{k}')
+        section[k] = v
+  for sec, values in get(name).items():
+    write(config[sec], values, sec)
+  config.method = name
+
+
+def apply_to_synthesis_config(cfg, name: str):
+  """Returns SynthesisConfig `cfg` with preset `name`'s synthesis overrides."""
+  from cmi_jax.synthesis.cmi import LossWeights  # pylint: disable=g-import-not-at-top
+  values = dict(get(name)['synthesis'])
+  weights = dataclasses.replace(cfg.weights, **values.pop('weights', {}))
+  fields = {f.name for f in dataclasses.fields(cfg)}
+  values = {k: v for k, v in values.items() if k in fields}
+  return dataclasses.replace(cfg, weights=LossWeights(**dataclasses.asdict(weights)), **values)
