@@ -3,7 +3,8 @@ synthetic images) and the supervised step (teachers / students from scratch)
 share one update, `classifier_step`.
 """
 
-from typing import Callable, Dict, Optional, Tuple
+import dataclasses
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import chex
 import jax
@@ -11,15 +12,42 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cmi_jax import augment
 from cmi_jax.state import ClassifierState
+from cmi_jax.synthesis.bank import RingBuffer, ring_sample
+from cmi_jax.synthesis.cmi import constrain
+from cmi_jax.synthesis.gan import FreshSource
+from cmi_jax.synthesis.gan import sample as gan_sample
+from cmi_jax.synthesis.losses import kl_per_sample
+from cmi_jax.teacher import Teacher
+
+
+KD_LOSSES = ('kl', 'l1')
 
 
 def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:
   """KL(softmax(t/T) || softmax(s/T)) * T^2, batch mean (reference KD criterion)."""
-  t = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
-  s = jax.nn.log_softmax(student_logits / temperature, axis=-1)
-  kl = jnp.sum(jnp.exp(t) * (t - s), axis=-1)
-  return jnp.mean(kl) * temperature ** 2
+  return jnp.mean(kl_per_sample(teacher_logits, student_logits, temperature)) * temperature ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class KDConfig:
+  """Static hyperparameters of the distillation step (hashable: a jit static arg)."""
+  batch_size: int = 128
+  loss: str = 'kl'            # 'kl' (KL * T^2) or 'l1' (DFAD: mean |s - t| of logits)
+  temperature: float = 20.0
+  crop_padding: int = 4       # the dataset's standard augmentation on pool images
+  flip: bool = True
+  mean: Tuple[float, ...] = (0.0,)
+  std: Tuple[float, ...] = (1.0,)
+  augment: bool = True
+
+  def objective(self, student_logits, teacher_logits):
+    if self.loss == 'kl':
+      return kd_loss(student_logits, teacher_logits, self.temperature)
+    if self.loss == 'l1':
+      return jnp.mean(jnp.abs(student_logits - teacher_logits))
+    raise ValueError(f'kd.loss must be one of {KD_LOSSES}, got {self.loss!r}.')
 
 
 def classifier_step(state: ClassifierState, x: jax.Array,
@@ -42,6 +70,46 @@ def classifier_step(state: ClassifierState, x: jax.Array,
   ok = jnp.isfinite(loss)
   new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new_state, state)
   return new_state, {'loss': loss, 'logits': logits, 'finite': ok}
+
+
+def kd_step(cfg: KDConfig, state: ClassifierState, teacher: Teacher, images: jax.Array,
+            rng: jax.Array) -> Tuple[ClassifierState, Dict[str, jax.Array]]:
+  """One KD step on a batch of images in [0, 1] (uint8 or float).
+
+  Pool images get the dataset's standard augmentation (cfg.augment), then the
+  frozen teacher's logits (no gradient) are the target of cfg.objective.
+  """
+  if cfg.augment:
+    x = augment.standard_train_view(rng, images, cfg.crop_padding, cfg.flip, cfg.mean, cfg.std)
+  else:
+    x = augment.normalize(augment.to_float(images), cfg.mean, cfg.std)
+  t_logits = teacher(x, taps=False).logits
+  state, m = classifier_step(state, x, lambda s: cfg.objective(s, t_logits))
+  agree = jnp.mean(jnp.argmax(m['logits'], -1) == jnp.argmax(t_logits, -1))
+  return state, {'kd_loss': m['loss'], 'kd_agreement': 100.0 * agree}
+
+
+def kd_steps(cfg: KDConfig, state: ClassifierState, teacher: Teacher,
+             source: Union[RingBuffer, FreshSource], rng: jax.Array, num_steps: int,
+             data_sharding: Optional[Any] = None
+             ) -> Tuple[ClassifierState, Dict[str, jax.Array]]:
+  """`num_steps` KD steps in one scan, on batches drawn on device from `source`:
+  the image pool (uniform over filled slots) or a generator (fresh samples).
+
+  Each step's key is fold_in(rng, student step), so a resumed run draws the same
+  batches. Returns the new state and the metrics averaged over the steps.
+  """
+  def body(state, _):
+    key = jax.random.fold_in(rng, state.step)
+    k_idx, k_aug = jax.random.split(key)
+    if isinstance(source, RingBuffer):
+      images = ring_sample(source, k_idx, cfg.batch_size)['images']
+    else:
+      images = gan_sample(source, k_idx, cfg.batch_size)
+    return kd_step(cfg, state, teacher, constrain(images, data_sharding), k_aug)
+
+  state, rows = jax.lax.scan(body, state, None, length=num_steps)
+  return state, jax.tree_util.tree_map(jnp.mean, rows)
 
 
 def supervised_loss(labels: jax.Array) -> Callable[[jax.Array], jax.Array]:

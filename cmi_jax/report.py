@@ -42,6 +42,21 @@ class MetricWriter:
     self._f.write(json.dumps(row) + '\n')
     self._f.flush()
 
+  def truncate_after(self, step: int) -> None:
+    """Drops rows with step > `step` (written by a run that crashed after its
+    last checkpoint), so a resumed run's log has each step once."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    rows = read_metrics(self.path)
+    keep = [r for r in rows if r.get('step', 0) <= step]
+    if len(keep) != len(rows):
+      self._f.close()
+      tmp = self.path + '.tmp'
+      with open(tmp, 'w', encoding='utf-8') as f:
+        f.writelines(json.dumps(r) + '\n' for r in keep)
+      os.replace(tmp, self.path)
+      self._f = open(self.path, 'a', encoding='utf-8')
+
   def write_json(self, name: str, obj: Mapping[str, Any]) -> str:
     """Writes workdir/name (e.g. config.json, summary.json) atomically."""
     path = os.path.join(self.workdir, name)
@@ -67,3 +82,70 @@ def read_metrics(path: str) -> list:
   """Reads a metrics.jsonl file back as a list of dicts."""
   with open(path, encoding='utf-8') as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def class_grid(images: np.ndarray, targets: np.ndarray, num_classes: int,
+               per_row: int = 10, pad: int = 1) -> np.ndarray:
+  """A uint8 image grid with one row per class (first `per_row` images of each).
+
+  images: [N, H, W, C] uint8 or float in [0, 1]; targets: [N] class ids.
+  Rows of classes with fewer images are left black. Returns [rows*(H+pad)+pad,
+  per_row*(W+pad)+pad, C] uint8.
+  """
+  images = np.asarray(images)
+  if images.dtype != np.uint8:
+    images = np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
+  _, h, w, c = images.shape
+  grid = np.zeros((num_classes * (h + pad) + pad, per_row * (w + pad) + pad, c), np.uint8)
+  targets = np.asarray(targets)
+  for k in range(num_classes):
+    for j, i in enumerate(np.flatnonzero(targets == k)[:per_row]):
+      y, x = pad + k * (h + pad), pad + j * (w + pad)
+      grid[y:y + h, x:x + w] = images[i]
+  return grid
+
+
+def save_png(path: str, image: np.ndarray, scale: int = 1) -> str:
+  """Writes an [H, W, C] uint8 array (C = 1 or 3) as PNG, optionally upscaled."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  img = np.asarray(image)
+  if scale > 1:
+    img = img.repeat(scale, axis=0).repeat(scale, axis=1)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(path)
+  return path
+
+
+def plot_metrics(rows: Sequence[Dict[str, Any]], path: str,
+                 groups: Mapping[str, Sequence[str]]) -> Optional[str]:
+  """One subplot per group of metric keys, against the row's 'step'. Keys absent
+  from every row are skipped; returns the path, or None if nothing to plot."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  panels = []
+  for title, keys in groups.items():
+    series = []
+    for key in keys:
+      pts = [(r['step'], r[key]) for r in rows if key in r and r[key] is not None
+             and isinstance(r[key], (int, float)) and math.isfinite(r[key])]
+      if pts:
+        series.append((key, pts))
+    if series:
+      panels.append((title, series))
+  if not panels:
+    return None
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False)
+  for ax, (title, series) in zip(axes[0], panels):
+    for key, pts in series:
+      xs, ys = zip(*pts)
+      ax.plot(xs, ys, label=key, marker='.' if len(xs) < 30 else None)
+    ax.set_title(title)
+    ax.set_xlabel('step')
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path

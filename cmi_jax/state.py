@@ -13,6 +13,17 @@ from flax.training import train_state
 from cmi_jax import models
 
 
+# Named PRNG streams derived once from the root key (fold_in of fixed constants);
+# per round / step use fold_in(stream, counter), so a resumed run needs only counters.
+RNG_STREAMS = {'student_init': 0, 'head': 1, 'synthesis': 2, 'kd': 3, 'generator': 4,
+               'pre_synthesis': 5}
+
+
+def rng_stream(root: jax.Array, name: str) -> jax.Array:
+  """The named stream `name` of the root key."""
+  return jax.random.fold_in(root, RNG_STREAMS[name])
+
+
 class ClassifierState(train_state.TrainState):
   """TrainState + BN running statistics (flax imagenet example layout)."""
   batch_stats: Any

@@ -32,3 +32,80 @@ def parse_arg(arg: Optional[str], **defaults) -> Dict:
     out[k] = v
   out.pop('_positional', None)
   return out
+
+
+def base_config(dataset: str, method: str = 'cmi'):
+  """Every field the runner reads, at the published CIFAR-10 CMI values
+  (reference-facts section 3, 'from scratch' column), then preset `method`."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from cmi_jax.synthesis import presets  # pylint: disable=g-import-not-at-top
+  C = ml_collections.ConfigDict
+  c = C()
+  c.seed = 0
+  c.method = method
+  c.data = C(dict(name=dataset, dir='', backend='files', eval_batch_size=500,
+                  eval_limit=0))
+  # checkpoint: a teacher directory (experiments/train_teacher.py or convert_teacher.py),
+  # a reference .pth (converted on the fly), or 'random' (smoke tests only).
+  c.teacher = C(dict(arch='wrn_40_2', checkpoint=''))
+  c.student = C(dict(arch='wrn_16_1'))
+  c.synthesis = C(dict(
+      batch_size=256, g_steps=200, lr_g=1e-3, betas=(0.5, 0.999), lr_head=1e-3,
+      weights=C(dict(bn=1.0, oh=1.0, adv=0.5, cr=0.8, balance=0.0, act=0.0, tv=0.0)),
+      adv_kind='masked_kl', adv_temperature=1.0, oh_kind='targets', cr_temperature=0.1,
+      n_neg=4096, head_kind='mlp', head_dim=256, bank_size=40960, pool_size=51200,
+      synthesizer='generator', generator='cmi', reinit=True, nz=256, ngf=64, views='cmi',
+      global_padding=-1,  # -1: the dataset's standard crop padding (4 for CIFAR)
+      local_scale=(0.25, 1.0), jitter=4, dtype='float32'))
+  # Student: SGD, cosine stepped per epoch; each epoch runs ep_steps // kd_steps rounds of
+  # (one synthesis call, kd_steps student steps). pre_rounds: synthesis-only rounds first
+  # (two-stage recipe) with weights adv=pre_adv, oh=pre_oh.
+  c.kd = C(dict(
+      batch_size=128, kd_steps=400, ep_steps=400, epochs=200, lr=0.1, momentum=0.9,
+      weight_decay=1e-4, temperature=20.0, loss='kl', mode='pool', augment=True,
+      pre_rounds=0, pre_adv=0.0, pre_oh=1.0))
+  c.mesh = C(dict(num_devices=0))  # 0: all devices, along one 'data' axis
+  c.log = C(dict(every_kd_steps=50, grid_every_rounds=1, grid_per_class=10,
+                 checkpoint_every_rounds=1, max_checkpoints=2,
+                 stop_after_rounds=0))  # >0: checkpoint and exit after that many rounds
+  presets.apply_to_config(c, method)
+  return c
+
+
+# The paper's Table 1 rows: name -> (teacher arch, student arch).
+PAPER_ROWS = {
+    'resnet34-resnet18': ('resnet34', 'resnet18'),
+    'vgg11-resnet18': ('vgg11', 'resnet18'),
+    'wrn40_2-wrn16_1': ('wrn_40_2', 'wrn_16_1'),
+    'wrn40_2-wrn40_1': ('wrn_40_2', 'wrn_40_1'),
+    'wrn40_2-wrn16_2': ('wrn_40_2', 'wrn_16_2'),
+}
+
+
+def make_dataset_config(dataset: str, arg=None):
+  """CIFAR-10/100 config for one paper row, preset and optional quick variant."""
+  a = parse_arg(arg, _positional='row', row='wrn40_2-wrn16_1', method='cmi', quick=False)
+  if a['row'] not in PAPER_ROWS:
+    raise ValueError(f'Unknown row {a["row"]!r}; choose one of {sorted(PAPER_ROWS)}.')
+  teacher, student = PAPER_ROWS[a['row']]
+  c = base_config(dataset, a['method'])
+  c.teacher.arch, c.student.arch = teacher, student
+  # The reference repo's layout for its pretrained teachers.
+  c.teacher.checkpoint = f'checkpoints/pretrained/{dataset}_{teacher}.pth'
+  c.data.dir = f'data/{dataset}'
+  if a['quick']:
+    apply_quick(c)
+  return c
+
+
+def apply_quick(c) -> None:
+  """Shrinks a config to a seconds-long smoke run (tests, first try on a laptop)."""
+  s, k = c.synthesis, c.kd
+  s.batch_size, s.g_steps, s.n_neg, s.bank_size, s.pool_size = 8, 2, 16, 64, 64
+  s.ngf, s.nz, s.head_dim = 8, 16, 16
+  rounds_per_epoch = min(max(k.ep_steps // k.kd_steps, 1), 2)
+  k.batch_size, k.kd_steps, k.epochs = 8, 2, 2
+  k.ep_steps = k.kd_steps * rounds_per_epoch
+  k.pre_rounds = min(k.pre_rounds, 1)
+  c.data.eval_limit, c.data.eval_batch_size = 64, 32
+  c.log.every_kd_steps = 1

@@ -249,9 +249,14 @@ def _clip_pixels(cfg: SynthesisConfig, trainables):
   return {'pixels': jnp.clip(trainables['pixels'], -mean / std, (1.0 - mean) / std)}
 
 
+def constrain(x: jax.Array, sharding: Optional[Any]) -> jax.Array:
+  """Splits a batch-sized array along the mesh's data axis (no-op without a mesh)."""
+  return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
 def synthesis_round(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Teacher],
-                    state: SynthState, rng: jax.Array,
-                    targets: Optional[jax.Array] = None) -> Tuple[SynthState, RoundOutput]:
+                    state: SynthState, rng: jax.Array, targets: Optional[jax.Array] = None,
+                    data_sharding: Optional[Any] = None) -> Tuple[SynthState, RoundOutput]:
   """One CMI round (g_steps iterations); pure, jit it with `cfg` static.
 
   Args:
@@ -261,6 +266,8 @@ def synthesis_round(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Te
     state: head, bank and pool from the previous rounds.
     rng: this round's key (e.g. fold_in(synthesis_key, round_index)).
     targets: [B] class ids; default random, sorted (as the reference).
+    data_sharding: NamedSharding splitting batch arrays over devices (see
+      cmi_jax.parallel); the math is the same with or without it.
   Returns:
     (new state with the round's best images in the pool and features in the
     bank, RoundOutput with the images, targets and per-step metrics).
@@ -269,7 +276,11 @@ def synthesis_round(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Te
   k_init, k_t, k_steps = jax.random.split(rng, 3)
   if targets is None:
     targets = jnp.sort(jax.random.randint(k_t, (b,), 0, cfg.num_classes))
+  targets = constrain(targets, data_sharding)
   trainables, gen_stats = _init_trainables(cfg, k_init)
+  # z / pixels are per-sample: split them, XLA propagates the split downstream.
+  trainables = {k: constrain(v, data_sharding) if k in ('z', 'pixels') else v
+                for k, v in trainables.items()}
   opt = optax.adam(cfg.lr_g, b1=cfg.betas[0], b2=cfg.betas[1])
   use_cr = cfg.weights.cr > 0 and cfg.views == 'cmi'
   use_adv = cfg.weights.adv > 0 and student is not None
@@ -277,9 +288,10 @@ def synthesis_round(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Te
 
   def loss_fn(trainables, head_params, key, bank_feats, bank_valid):
     k_views, _ = jax.random.split(key)
-    x = _render(cfg, trainables, gen_stats)
+    x = constrain(_render(cfg, trainables, gen_stats), data_sharding)
     xg, xl = _views(cfg, k_views, x)
     views = xg if xl is None else jnp.concatenate([xg, xl], axis=0)
+    views = constrain(views, data_sharding)
     out = teacher(views.astype(cfg.compute_dtype))
     s_logits = student(xg.astype(cfg.compute_dtype), taps=False).logits if use_adv else None
     terms = inversion_terms(cfg, teacher_out=out, rows=b, targets=targets,

@@ -1,0 +1,320 @@
+"""The data-free KD run behind `experiments.run`: config -> objects -> loop.
+
+Kept separate from the absl entry point so tests can call `run(cfg, workdir)`.
+"""
+
+import dataclasses
+import os
+import time
+from typing import Any, Dict, List, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from cmi_jax import data, distill, models, parallel, report
+from cmi_jax.checkpoint import Checkpointer, abstract
+from cmi_jax.state import cosine_per_epoch, create_classifier_state, rng_stream, sgd
+from cmi_jax.synthesis import cmi, gan
+from cmi_jax.synthesis.cmi import LossWeights, SynthesisConfig
+from cmi_jax.teacher import Teacher
+
+
+# ---------------------------------------------------------------- validation
+
+def validate(cfg) -> None:
+  """Checks the config before anything is loaded or compiled; each error names
+  the field, its value and the fix."""
+  def bad(field, value, must):
+    raise ValueError(f'config.{field}={value!r} is invalid: {must}.')
+
+  data.get_info(cfg.data.name)
+  for field in ('teacher.arch', 'student.arch'):
+    sec, key = field.split('.')
+    if cfg[sec][key] not in models.CLASSIFIERS:
+      bad(field, cfg[sec][key], f'must be one of {sorted(models.CLASSIFIERS)}')
+  ckpt = cfg.teacher.checkpoint
+  if not ckpt:
+    bad('teacher.checkpoint', ckpt, 'set it to a teacher directory (experiments/train_teacher.py '
+        'or experiments/convert_teacher.py output) or a reference .pth file, e.g. '
+        '--config.teacher.checkpoint=path/to/cifar10_wrn_40_2.pth')
+  if ckpt != 'random' and not os.path.exists(ckpt):
+    bad('teacher.checkpoint', ckpt, f'no such file or directory (looked in {os.getcwd()}); '
+        'point --config.teacher.checkpoint at the teacher directory or .pth file')
+  k, s = cfg.kd, cfg.synthesis
+  for field, value, ok, must in [
+      ('kd.kd_steps', k.kd_steps, k.kd_steps >= 1, 'must be >= 1'),
+      ('kd.ep_steps', k.ep_steps, k.ep_steps >= k.kd_steps,
+       f'must be >= kd.kd_steps ({k.kd_steps})'),
+      ('kd.epochs', k.epochs, k.epochs >= 1, 'must be >= 1'),
+      ('kd.batch_size', k.batch_size, k.batch_size >= 1, 'must be >= 1'),
+      ('kd.temperature', k.temperature, k.temperature > 0, 'must be > 0'),
+      ('kd.mode', k.mode, k.mode in ('pool', 'fresh'), "must be 'pool' or 'fresh'"),
+      ('kd.loss', k.loss, k.loss in distill.KD_LOSSES, f'must be one of {distill.KD_LOSSES}'),
+      ('kd.pre_rounds', k.pre_rounds, k.pre_rounds >= 0, 'must be >= 0'),
+      ('kd.mode', k.mode, k.mode == 'pool' or s.synthesizer == 'generator',
+       "'fresh' needs synthesis.synthesizer='generator'"),
+      ('synthesis.reinit', s.reinit, s.reinit or k.mode == 'fresh',
+       'a persistent generator (reinit=False) is the GAN-baseline setting: use kd.mode=fresh'),
+      ('synthesis.oh_kind', s.oh_kind, s.oh_kind == 'argmax' or k.mode == 'pool',
+       "the GAN baselines have no class targets: use 'argmax'"),
+      ('log.checkpoint_every_rounds', cfg.log.checkpoint_every_rounds,
+       cfg.log.checkpoint_every_rounds >= 1, 'must be >= 1'),
+      ('log.every_kd_steps', cfg.log.every_kd_steps, cfg.log.every_kd_steps >= 1, 'must be >= 1'),
+  ]:
+    if not ok:
+      bad(field, value, must)
+  synthesis_config(cfg, data.get_info(cfg.data.name), cfg.synthesis.weights.to_dict())
+
+
+def synthesis_config(cfg, info: data.DatasetInfo, weights: Dict[str, float]) -> SynthesisConfig:
+  """The frozen SynthesisConfig for the library, from config.synthesis."""
+  s = cfg.synthesis.to_dict()
+  s['weights'] = LossWeights(**weights)
+  s['betas'], s['local_scale'] = tuple(s['betas']), tuple(s['local_scale'])
+  if s['global_padding'] < 0:
+    s['global_padding'] = info.crop_padding
+  try:
+    return SynthesisConfig(image_shape=info.image_shape, num_classes=info.num_classes,
+                           mean=info.mean, std=info.std, **s).validate()
+  except TypeError as e:
+    raise ValueError(f'config.synthesis has a field SynthesisConfig does not know: {e}') from e
+
+
+# ---------------------------------------------------------------- setup
+
+def load_teacher(cfg, info: data.DatasetInfo, dtype) -> Teacher:
+  """The frozen teacher from a directory, a .pth, or 'random' (smoke tests)."""
+  if cfg.teacher.checkpoint == 'random':
+    logging.warning('teacher.checkpoint=random: a randomly initialized teacher (tests only).')
+    module = models.get(cfg.teacher.arch, info.num_classes)
+    variables = models.init(module, jax.random.fold_in(jax.random.key(cfg.seed), 99),
+                            (1,) + info.image_shape)
+  else:
+    from cmi_jax import teacher_io  # pylint: disable=g-import-not-at-top
+    _, variables, card = teacher_io.load_teacher(
+        cfg.teacher.checkpoint, arch=cfg.teacher.arch, num_classes=info.num_classes,
+        input_shape=info.image_shape)
+    del card
+  # Rebuild with the compute dtype (params stay float32).
+  module = models.get(cfg.teacher.arch, info.num_classes, dtype=dtype)
+  return Teacher(module, variables)
+
+
+def load_test_split(cfg) -> Optional[data.Split]:
+  """The real test split for evaluation, or None (training is data-free)."""
+  try:
+    split = data.load(cfg.data.name, 'test', cfg.data.dir or None, cfg.data.backend)
+  except data.DataNotFoundError as e:
+    print(f'Evaluation is off: {e}')
+    return None
+  if cfg.data.eval_limit:
+    split = data.Split(split.images[:cfg.data.eval_limit], split.labels[:cfg.data.eval_limit])
+  return split
+
+
+@dataclasses.dataclass
+class Plan:
+  """Counts of the schedule, derived from config.kd."""
+  pre_rounds: int
+  rounds_per_epoch: int
+  epochs: int
+  kd_steps: int
+
+  @property
+  def total_rounds(self) -> int:
+    return self.pre_rounds + self.epochs * self.rounds_per_epoch
+
+  def epoch_of(self, r: int) -> int:
+    return (r - self.pre_rounds) // self.rounds_per_epoch
+
+  def ends_epoch(self, r: int) -> bool:
+    return r >= self.pre_rounds and (r - self.pre_rounds + 1) % self.rounds_per_epoch == 0
+
+
+# ---------------------------------------------------------------- the run
+
+def run(cfg, workdir: str) -> Dict[str, Any]:
+  """Runs (or resumes) the data-free KD described by `cfg`; returns the summary."""
+  validate(cfg)
+  info = data.get_info(cfg.data.name)
+  mesh = parallel.make_mesh(cfg.mesh.num_devices)
+  synth = synthesis_config(cfg, info, cfg.synthesis.weights.to_dict())
+  pre_synth = dataclasses.replace(synth, weights=dataclasses.replace(
+      synth.weights, adv=cfg.kd.pre_adv, oh=cfg.kd.pre_oh))
+  parallel.check_divisible(mesh, synthesis_batch=synth.batch_size, kd_batch=cfg.kd.batch_size)
+  teacher = load_teacher(cfg, info, synth.compute_dtype)
+  student_module = models.get(cfg.student.arch, info.num_classes, dtype=synth.compute_dtype)
+  test = load_test_split(cfg)
+  plan = Plan(cfg.kd.pre_rounds, cfg.kd.ep_steps // cfg.kd.kd_steps, cfg.kd.epochs,
+              cfg.kd.kd_steps)
+  fresh = cfg.kd.mode == 'fresh'
+  kd_cfg = distill.KDConfig(batch_size=cfg.kd.batch_size, loss=cfg.kd.loss,
+                            temperature=cfg.kd.temperature, crop_padding=info.crop_padding,
+                            flip=info.flip, mean=info.mean, std=info.std,
+                            augment=cfg.kd.augment and not fresh)
+
+  root = jax.random.key(cfg.seed)
+  tx = sgd(cosine_per_epoch(cfg.kd.lr, plan.epochs, plan.rounds_per_epoch * plan.kd_steps),
+           cfg.kd.momentum, cfg.kd.weight_decay)
+  state = {'student': create_classifier_state(student_module, rng_stream(root, 'student_init'),
+                                              (1,) + info.image_shape, tx)}
+  if fresh:
+    state['generator'] = gan.init_generator_state(synth, rng_stream(root, 'generator'))
+  else:
+    state['synth'] = cmi.init_state(synth, teacher, rng_stream(root, 'head'))
+  state = parallel.replicate(mesh, state)
+
+  # Resume order: the workdir's latest checkpoint, else a fresh start.
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.log.max_checkpoints)
+  meta = {'round': 0, 'history': [], 'teacher_accuracy': None}
+  restored = ckpt.restore(abstract(state))
+  if restored is not None:
+    state, meta = restored
+    print(f'Resuming {workdir} after round {meta["round"]}/{plan.total_rounds}.')
+  writer = report.MetricWriter(workdir, enabled=parallel.is_main_process())
+  writer.truncate_after(meta['round'])  # rows a crashed run wrote after its last checkpoint
+  writer.write_json('config.json', cfg.to_dict())
+
+  fns = parallel.compile_plan(mesh, synth, pre_synth, kd_cfg, fresh)
+  eval_fn = distill.make_eval_fn(student_module.apply, info.mean, info.std)
+  if test is not None and meta['teacher_accuracy'] is None:
+    meta['teacher_accuracy'] = distill.evaluate(
+        distill.make_eval_fn(teacher.module.apply, info.mean, info.std), teacher.variables, test.images, test.labels, cfg.data.eval_batch_size)['accuracy']
+    print(f'Teacher accuracy on the {cfg.data.name} test split: {meta["teacher_accuracy"]:.2f}%')
+
+  synth_key, pre_key, kd_key = (rng_stream(root, n) for n in ('synthesis', 'pre_synthesis', 'kd'))
+  history: List[Dict[str, Any]] = list(meta['history'])
+  start = int(meta['round'])
+  bar = tqdm(total=plan.total_rounds, initial=start, desc=f'{cfg.method} rounds', unit='round',
+             dynamic_ncols=True, disable=not parallel.is_main_process())
+  t0 = time.time()
+  for r in range(start, plan.total_rounds):
+    row: Dict[str, Any] = {'round': r + 1}
+    student = Teacher(student_module, {'params': state['student'].params,
+                                       'batch_stats': state['student'].batch_stats})
+    # 1. Synthesis.
+    if fresh:
+      state['generator'], m = fns.gan_round(teacher, student, state['generator'],
+                                            jax.random.fold_in(synth_key, r))
+      images = targets = None
+    else:
+      pre = r < plan.pre_rounds
+      round_fn = fns.pre_round if pre else fns.round
+      state['synth'], out = round_fn(teacher, student, state['synth'],
+                                     jax.random.fold_in(pre_key if pre else synth_key, r))
+      m, images, targets = out.metrics, out.images, out.targets
+    row.update(_synthesis_row(m))
+    # 2. KD on the pool (or fresh samples), in chunks for the progress bar.
+    if r >= plan.pre_rounds:
+      source = (gan.FreshSource(state['generator'], synth.nz) if fresh else state['synth'].pool)
+      kd_rows = []
+      done = 0
+      while done < plan.kd_steps:
+        n = min(cfg.log.every_kd_steps, plan.kd_steps - done)
+        state['student'], km = fns.kd(state['student'], teacher, source, kd_key, n)
+        kd_rows.append((n, km))
+        done += n
+      row.update({k: float(sum(n * v[k] for n, v in kd_rows) / plan.kd_steps)
+                  for k in kd_rows[0][1]})
+      row['lr'] = float(tx_lr(cfg, plan, int(state['student'].step)))
+    if not fresh:
+      row['pool_size'] = int(state['synth'].pool.count)
+    # 3. Evaluation at epoch ends.
+    if plan.ends_epoch(r):
+      row['epoch'] = plan.epoch_of(r) + 1
+      if test is not None:
+        ev = distill.evaluate(eval_fn, {'params': state['student'].params,
+                                        'batch_stats': state['student'].batch_stats},
+                              test.images, test.labels, cfg.data.eval_batch_size)
+        row['student_accuracy'], row['student_test_loss'] = ev['accuracy'], ev['loss']
+      history.append({k: row[k] for k in ('round', 'epoch', 'student_accuracy') if k in row})
+    row['elapsed_s'] = time.time() - t0
+    writer.write_scalars(r + 1, row)
+    if images is not None and (r + 1) % cfg.log.grid_every_rounds == 0 \
+        and parallel.is_main_process():
+      grid = report.class_grid(np.asarray(images), np.asarray(targets), info.num_classes,
+                               cfg.log.grid_per_class)
+      report.save_png(os.path.join(workdir, 'images', f'round_{r + 1:05d}.png'), grid,
+                      scale=2 if info.image_shape[0] <= 32 else 1)
+    bar.update(1)
+    bar.set_postfix({k: f'{row[k]:.3g}' for k in ('loss', 'l_bn', 'l_cr', 'kd_loss',
+                                                   'student_accuracy') if k in row})
+    # 4. Checkpoint at round boundaries (and always at epoch ends and the end).
+    last = r + 1 == plan.total_rounds
+    if (r + 1) % cfg.log.checkpoint_every_rounds == 0 or plan.ends_epoch(r) or last:
+      meta = {'round': r + 1, 'history': history,
+              'teacher_accuracy': meta['teacher_accuracy']}
+      ckpt.save(r + 1, state, meta)
+    if plan.ends_epoch(r) or last:
+      _plots(workdir, writer)
+    if cfg.log.stop_after_rounds and r + 1 - start >= cfg.log.stop_after_rounds and not last:
+      ckpt.save(r + 1, state, {'round': r + 1, 'history': history,
+                               'teacher_accuracy': meta['teacher_accuracy']})
+      print(f'Stopping after {cfg.log.stop_after_rounds} round(s) as log.stop_after_rounds asks; '
+            'run the same command again to continue.')
+      bar.close()
+      writer.close()
+      ckpt.close()
+      return {'stopped_at_round': r + 1, 'workdir': os.path.abspath(workdir)}
+  bar.close()
+
+  summary = _summary(cfg, plan, history, meta, workdir, time.time() - t0)
+  writer.write_json('summary.json', summary)
+  _plots(workdir, writer)
+  writer.close()
+  ckpt.close()
+  return summary
+
+
+def tx_lr(cfg, plan: Plan, step: int) -> float:
+  """The student's learning rate at `step` (for logging)."""
+  return float(cosine_per_epoch(cfg.kd.lr, plan.epochs, plan.rounds_per_epoch * plan.kd_steps)(
+      max(step - 1, 0)))
+
+
+def _synthesis_row(m: Dict[str, Any]) -> Dict[str, float]:
+  """Per-round scalars: the last step of each loss term, the first step's total,
+  and the round's diagnostics."""
+  out = {}
+  for k, v in m.items():
+    a = np.asarray(v)
+    if a.ndim == 1:
+      out[k] = float(a[-1])
+      if k == 'loss':
+        out['loss_first'] = float(a[0])
+    else:
+      out[k] = float(a)
+  return out
+
+
+def _plots(workdir: str, writer: report.MetricWriter) -> None:
+  if not writer.enabled or not os.path.exists(writer.path):
+    return
+  rows = report.read_metrics(writer.path)
+  report.plot_metrics(rows, os.path.join(workdir, 'accuracy.png'),
+                      {'student test accuracy (%)': ['student_accuracy'],
+                       'KD': ['kd_loss'], 'teacher-student agreement (%)': ['kd_agreement']})
+  report.plot_metrics(rows, os.path.join(workdir, 'losses.png'),
+                      {'synthesis loss': ['loss', 'loss_first', 'best_loss'],
+                       'terms': ['l_bn', 'l_oh', 'l_adv', 'l_cr', 'l_balance', 'l_act', 'l_tv'],
+                       'diagnostics': ['confidence', 'feature_diversity', 'class_entropy']})
+
+
+def _summary(cfg, plan, history, meta, workdir, seconds) -> Dict[str, Any]:
+  accs = [h['student_accuracy'] for h in history if 'student_accuracy' in h]
+  return {
+      'method': cfg.method, 'dataset': cfg.data.name, 'teacher': cfg.teacher.arch,
+      'student': cfg.student.arch, 'teacher_accuracy': meta.get('teacher_accuracy'),
+      'student_accuracy': accs[-1] if accs else None,
+      'best_student_accuracy': max(accs) if accs else None,
+      'epochs': plan.epochs, 'rounds': plan.total_rounds, 'history': history,
+      'seconds_this_session': seconds, 'workdir': os.path.abspath(workdir),
+      'evaluation': 'on' if accs else 'off (no test data)',
+  }
+
+
+def maybe_initialize_distributed() -> None:
+  parallel.maybe_initialize_distributed()
