@@ -129,10 +129,12 @@ def roll_flip(rng: jax.Array, batch: int, size: Tuple[int, int], max_shift: Tupl
 
 
 def normalize(x: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
-  """(x - mean) / std per channel; x in [0, 1], NHWC."""
+  """(x - mean) / std per channel; x in [0, 1], NHWC. Float inputs keep their
+  dtype (bfloat16 stays bfloat16); integer inputs give float32."""
   mean = jnp.asarray(mean, jnp.float32)
   std = jnp.asarray(std, jnp.float32)
-  return ((x.astype(jnp.float32) - mean) / std).astype(x.dtype)
+  out = (x.astype(jnp.float32) - mean) / std
+  return out.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else out
 
 
 def to_float(images: jax.Array) -> jax.Array:

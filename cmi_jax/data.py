@@ -239,10 +239,11 @@ def load(name: str, split: str, data_dir: Optional[str] = None,
       except DataNotFoundError as e:
         errors.append(str(e))
     if out is None:
-      hint = f'Install it ({info.install_hint}) or' if info.install_hint and not data_dir else ''
-      raise DataNotFoundError(
-          f'{name} {split} split not found. Tried: {"; ".join(errors)}. '
-          f'{hint} set --config.data.dir to the folder holding the files.'.replace('  ', ' '))
+      fix = 'Set --config.data.dir (data.dir) to the folder holding the files'
+      if info.install_hint and not data_dir:
+        fix = f'Install it ({info.install_hint}) or s{fix[1:]}'
+      raise DataNotFoundError(f'{name} {split} split not found. Tried: {"; ".join(errors)}. '
+                              f'{fix}.')
   else:
     raise ValueError(f'data.backend must be "files" or "tfds", got {backend!r}.')
   if out.images.shape[1:] != info.image_shape:

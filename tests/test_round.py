@@ -118,8 +118,8 @@ def _np_terms(cfg, teacher, student, view, x, targets):
       m = 0.5 * (pt + ps)
       terms['adv'] = -np.mean(0.5 * (np.sum(ps * np.log(ps / m), -1)
                                      + np.sum(pt * np.log(pt / m), -1)))
-  if cfg.weights.tv:
-    x = np.asarray(x, np.float64)
+  if cfg.weights.tv:  # on normalized pixels (reference DeepInversion)
+    x = (np.asarray(x, np.float64) - np.asarray(cfg.mean)) / np.asarray(cfg.std)
     terms['tv'] = sum(np.abs(d).mean() for d in (
         x[:, :, :-1] - x[:, :, 1:], x[:, :-1] - x[:, 1:],
         x[:, 1:, :-1] - x[:, :-1, 1:], x[:, :-1, :-1] - x[:, 1:, 1:]))

@@ -16,9 +16,13 @@ HEAD_KINDS = ('mlp', 'linear', 'none')
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """x / max(||x||_2, eps) along the last axis (F.normalize semantics)."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
-  return x / jnp.maximum(norm, eps)
+  """x / max(||x||_2, eps) along the last axis (F.normalize semantics).
+
+  The max is taken on the squared norm, so the gradient stays finite at x = 0
+  (an all-zero row, e.g. an unfilled bank slot through a fresh head).
+  """
+  sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
 class _HeadLayers(nn.Module):

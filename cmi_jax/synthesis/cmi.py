@@ -195,8 +195,8 @@ def inversion_terms(cfg: SynthesisConfig, *, teacher_out, rows: int, targets: ja
     terms['balance'] = losses.balance_loss(logits)
   if w.act:
     terms['act'] = losses.activation_loss(teacher_out.penultimate[:rows])
-  if w.tv:
-    terms['tv'] = losses.tv_loss(x)
+  if w.tv:  # on normalized pixels, as the reference DeepInversion computes it
+    terms['tv'] = losses.tv_loss(augment.normalize(x, cfg.mean, cfg.std))
   return terms
 
 
@@ -208,12 +208,6 @@ def _contrastive(cfg, head_state, head_params, feat_l, feat_g, bank_feats, bank_
   """L_cr through the head on [local, bank_local] vs [global, bank_global]."""
   b = feat_l.shape[0]
   if bank_feats is not None:
-    # Unfilled slots hold zeros, which a head with zero biases (as initialized)
-    # maps to the zero vector, where the L2 normalization's gradient is NaN
-    # (0 * inf): masking those rows out of the loss does not stop it reaching
-    # the head's params, and the NaN guard would then reject every step while
-    # the bank has fewer than n_neg items. Feed them a harmless stand-in.
-    bank_feats = jnp.where(bank_valid[:, None], bank_feats, 1.0)
     bank_l, bank_g = jnp.split(bank_feats, 2, axis=1)
     feats = jnp.concatenate([feat_l, bank_l, feat_g, bank_g], axis=0)
   else:
