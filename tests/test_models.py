@@ -234,7 +234,7 @@ def _np_conv(x, k, stride, pad):
   return y
 
 
-@pytest.mark.parametrize('impl', ['xla', 'matmul_grad'])
+@pytest.mark.parametrize('impl', ['xla', 'explicit_grad'])
 def test_stride2_conv_pads_symmetrically(impl):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
@@ -262,7 +262,7 @@ def test_conv_module_matches_numpy():
 @pytest.mark.parametrize('stride', [1, 2])
 @pytest.mark.parametrize('ksize', [3, 1])
 @pytest.mark.parametrize('size', [8, 7])
-def test_matmul_grad_conv_matches_xla(stride, ksize, size):
+def test_explicit_grad_conv_matches_xla(stride, ksize, size):
   rng = np.random.default_rng(ksize * 10 + stride)
   x = jnp.asarray(rng.normal(size=(2, size, size, 3)), jnp.float32)
   k = jnp.asarray(rng.normal(size=(ksize, ksize, 3, 4)), jnp.float32)
@@ -273,15 +273,15 @@ def test_matmul_grad_conv_matches_xla(stride, ksize, size):
   def grads(impl):
     return jax.grad(lambda x_, k_: jnp.sum(layers.conv2d(x_, k_, stride, pad, impl) * g),
                     argnums=(0, 1))(x, k)
-  np.testing.assert_allclose(layers.conv2d(x, k, stride, pad, 'matmul_grad'), y_xla, rtol=1e-5,
+  np.testing.assert_allclose(layers.conv2d(x, k, stride, pad, 'explicit_grad'), y_xla, rtol=1e-5,
                              atol=1e-5)
-  for a, b in zip(grads('matmul_grad'), grads('xla')):
+  for a, b in zip(grads('explicit_grad'), grads('xla')):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
     assert float(jnp.max(jnp.abs(b))) > 0
 
 
 def test_conv_impl_rejects_unknown():
-  with pytest.raises(ValueError, match='matmul_grad'):
+  with pytest.raises(ValueError, match='explicit_grad'):
     layers.conv2d(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), 1, 1, 'fft')
 
 

@@ -78,7 +78,7 @@ class _Blocks(nn.Module):
     bn = lambda name: BatchNorm(dtype=self.dtype, axis_name=self.axis_name,
                                 scale_init=_bn_scale_init, name=name)
     conv = lambda f, name, bias=False: Conv(f, 3, 1, 1, use_bias=bias, dtype=self.dtype,
-                                            kernel_init=_w_init, impl='auto', name=name)
+                                            kernel_init=_w_init, name=name)
     # CMI: 2ngf -> 2ngf -> ngf; large: 4ngf -> 2ngf -> ngf.
     w1 = self.width // 2 if self.large else self.width
     w2 = w1 // 2

@@ -58,7 +58,7 @@ def _xla_conv(x, kernel, stride, padding):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_matmul_grad(x, kernel, stride, padding):
+def _conv_explicit_grad(x, kernel, stride, padding):
   return _xla_conv(x, kernel, stride, padding)
 
 
@@ -67,16 +67,27 @@ def _conv_fwd(x, kernel, stride, padding):
 
 
 def _conv_bwd(stride, padding, res, g):
-  """Input gradient from XLA; filter gradient as kh*kw shifted matmuls.
+  """Both gradients as canonical NHWC/HWIO ops that XLA:CPU runs fast everywhere.
 
-  XLA's CPU filter-gradient convolution runs at ~30 GFLOP/s here against
-  ~60-100 for plain matmuls.
+  XLA's own backward convolutions (swapped dimension numbers) fall to a slow
+  path inside while loops on CPU (jax-ml/jax#12868): measured 14x (input
+  gradient) and 58x (filter gradient) slower in a fori_loop than outside,
+  which would make a lax.scan over synthesis or KD steps 4-5x slower than the
+  same steps unrolled. Here the input gradient is a forward convolution of g
+  (dilated by the stride) with the flipped, transposed kernel, and the filter
+  gradient is kh*kw shifted matmuls; both run at full speed in and out of loops.
   """
   x, kernel = res
-  _, vjp_x = jax.vjp(lambda x_: _xla_conv(x_, kernel, stride, padding), x)
-  (dx,) = vjp_x(g)
   kh, kw, ci, co = kernel.shape
   n, ho, wo, _ = g.shape
+  h, w = x.shape[1], x.shape[2]
+  k_t = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2).astype(g.dtype)  # HWIO of the transpose
+  pads = []
+  for size, k, o in ((h, kh, ho), (w, kw, wo)):
+    lo = k - 1 - padding
+    pads.append((lo, size + k - 1 - ((o - 1) * stride + 1) - lo))
+  dx = lax.conv_general_dilated(g, k_t, (1, 1), pads, lhs_dilation=(stride, stride),
+                                dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
   g2 = g.reshape(-1, co)
   taps = []
@@ -86,30 +97,29 @@ def _conv_bwd(stride, padding, res, g):
                      (1, stride, stride, 1))
       taps.append(jnp.dot(sl.reshape(-1, ci).T, g2, preferred_element_type=jnp.float32))
   dk = jnp.stack(taps).reshape(kh, kw, ci, co)
-  return dx, dk.astype(kernel.dtype)
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
-_conv_matmul_grad.defvjp(_conv_fwd, _conv_bwd)
+_conv_explicit_grad.defvjp(_conv_fwd, _conv_bwd)
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int,
            impl: str = 'auto') -> jax.Array:
   """NHWC x HWIO convolution with symmetric explicit padding (PyTorch semantics).
 
-  impl: 'xla' (XLA's own gradients), 'matmul_grad' (same forward and input
-  gradient, filter gradient as shifted matmuls), or 'auto' = 'matmul_grad' on
-  the CPU backend, 'xla' elsewhere. On this CPU the matmul form wins for wide
-  layers (3.5x for a 128->128 3x3 conv at 16x16, batch 256: the generator)
-  and loses for the narrow ones of small classifiers (whole wrn_16_2 step
-  0.87 s vs 0.71 s), so classifiers keep 'xla' and the generator uses 'auto'.
+  impl: 'xla' (XLA's own gradients), 'explicit_grad' (same forward; gradients
+  as canonical forward convs and matmuls, see _conv_bwd), or 'auto' =
+  'explicit_grad' on the CPU backend (where XLA's backward convs are slow inside
+  loops, and its filter gradient ~2x slower than matmuls for wide layers),
+  'xla' on GPU/TPU.
   """
   if impl == 'auto':
-    impl = 'matmul_grad' if jax.default_backend() == 'cpu' else 'xla'
+    impl = 'explicit_grad' if jax.default_backend() == 'cpu' else 'xla'
   if impl == 'xla':
     return _xla_conv(x, kernel, stride, padding)
-  if impl == 'matmul_grad':
-    return _conv_matmul_grad(x, kernel, stride, padding)
-  raise ValueError(f"conv impl must be 'auto', 'xla' or 'matmul_grad', got {impl!r}.")
+  if impl == 'explicit_grad':
+    return _conv_explicit_grad(x, kernel, stride, padding)
+  raise ValueError(f"conv impl must be 'auto', 'xla' or 'explicit_grad', got {impl!r}.")
 
 
 class Conv(nn.Module):
@@ -122,7 +132,7 @@ class Conv(nn.Module):
   dtype: Optional[Dtype] = None
   kernel_init: Initializer = he_fan_out_init
   bias_init: Initializer = nn.initializers.zeros
-  impl: str = 'xla'  # see conv2d; the generator uses 'auto'
+  impl: str = 'auto'  # see conv2d
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
