@@ -51,12 +51,16 @@ class KDConfig:
 
 
 def classifier_step(state: ClassifierState, x: jax.Array,
-                    loss_of_logits: Callable[[jax.Array], jax.Array]
+                    loss_of_logits: Callable[[jax.Array], jax.Array],
+                    axis_name: Optional[str] = None
                     ) -> Tuple[ClassifierState, Dict[str, jax.Array]]:
   """One optimizer step of a BN classifier in train mode on normalized images x.
 
   loss_of_logits maps the [N, K] logits to the scalar loss (CE on labels, or KD).
   Non-finite losses leave the state unchanged (no NaN ever reaches the params).
+  axis_name: only under pmap (`parallel.pmap_kd_step`): the loss and gradients
+  are averaged over that axis (equal per-device batches, so this is the
+  gradient of the global-batch loss); mesh-jit needs nothing.
   """
   chex.assert_rank(x, 4)
 
@@ -66,6 +70,8 @@ def classifier_step(state: ClassifierState, x: jax.Array,
     return loss_of_logits(logits), (logits, new_vars['batch_stats'])
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if axis_name is not None:
+    loss, grads = jax.lax.pmean((loss, grads), axis_name)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   ok = jnp.isfinite(loss)
   new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new_state, state)
@@ -73,20 +79,35 @@ def classifier_step(state: ClassifierState, x: jax.Array,
 
 
 def kd_step(cfg: KDConfig, state: ClassifierState, teacher: Teacher, images: jax.Array,
-            rng: jax.Array) -> Tuple[ClassifierState, Dict[str, jax.Array]]:
+            rng: jax.Array, axis_name: Optional[str] = None
+            ) -> Tuple[ClassifierState, Dict[str, jax.Array]]:
   """One KD step on a batch of images in [0, 1] (uint8 or float).
 
   Pool images get the dataset's standard augmentation (cfg.augment), then the
   frozen teacher's logits (no gradient) are the target of cfg.objective.
+  axis_name: only under pmap, where `images` is this device's slice of the
+  global batch (see classifier_step); the augmentation is then drawn for the
+  global batch and sliced, so pmap and mesh-jit see the same views.
   """
+  x = augment.to_float(images)
   if cfg.augment:
-    x = augment.standard_train_view(rng, images, cfg.crop_padding, cfg.flip, cfg.mean, cfg.std)
-  else:
-    x = augment.normalize(augment.to_float(images), cfg.mean, cfg.std)
+    n, offset = x.shape[0], 0
+    if axis_name is not None:
+      offset = jax.lax.axis_index(axis_name) * n
+      n = n * jax.lax.psum(1, axis_name)
+    warp = augment.crop_flip(rng, n, x.shape[1:3], cfg.crop_padding, cfg.flip)
+    if axis_name is not None:
+      warp = jax.tree_util.tree_map(
+          lambda a: jax.lax.dynamic_slice_in_dim(a, offset, x.shape[0]), warp)
+    x = augment.apply_warp(x, warp)
+  x = augment.normalize(x, cfg.mean, cfg.std)
   t_logits = teacher(x, taps=False).logits
-  state, m = classifier_step(state, x, lambda s: cfg.objective(s, t_logits))
+  state, m = classifier_step(state, x, lambda s: cfg.objective(s, t_logits), axis_name)
   agree = jnp.mean(jnp.argmax(m['logits'], -1) == jnp.argmax(t_logits, -1))
-  return state, {'kd_loss': m['loss'], 'kd_agreement': 100.0 * agree}
+  metrics = {'kd_loss': m['loss'], 'kd_agreement': 100.0 * agree}
+  if axis_name is not None:
+    metrics = jax.lax.pmean(metrics, axis_name)
+  return state, metrics
 
 
 def kd_steps(cfg: KDConfig, state: ClassifierState, teacher: Teacher,

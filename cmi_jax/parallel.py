@@ -1,29 +1,51 @@
-"""Devices: the mesh, shardings, and the jitted steps of a run.
+"""Devices: the mesh, shardings, the jitted steps of a run, multi-host helpers,
+and a thin pmap shim for the KD step.
 
-One `jax.sharding.Mesh` over all devices with a single 'data' axis. Params,
-optimizer states, the teacher, the memory bank and the image pool are
-replicated (P()); every batch-sized array inside a step is constrained to
-P('data'), so XLA splits the work by samples while every reduction (BN
-statistics, losses, contrastive logits, the lowest-loss choice) stays over the
-global batch: the math does not depend on the device count.
+Main path: mesh-jit. One `jax.sharding.Mesh` over all devices with a single
+'data' axis. Params, optimizer states, the teacher, the memory bank and the
+image pool are replicated (P()); every batch-sized array inside a step (the
+latent z, the rendered images and both views, the teacher/student activations,
+the KD batch) is constrained to P('data') (`cmi.constrain`), so XLA splits the
+work by samples while every reduction (BN statistics, generator BN in train
+mode, losses, contrastive logits against all positives and negatives, the
+lowest-loss choice) stays over the global batch: the math does not depend on
+the device count (1 vs 4 devices agree to float rounding, tests/test_parallel.py).
+Random draws are sharding-invariant (partitionable threefry, the default), so
+the same key gives the same batch on any mesh.
 
 Why the bank and pool are replicated: each step reads n_neg random bank rows
 and a random pool batch; replicated, those gathers are local. At the default
 sizes the bank is 40960 x 2D float32 (wrn_40_2: D = 2704 -> 886 MB per
 device) and the pool 51200 x 32x32x3 uint8 (157 MB per device), which fit any
 accelerator used for CIFAR; sharding them would turn each gather into
-cross-device traffic every step.
+cross-device traffic every step. The rest is small next to them: the wrn_40_2
+head (D x D + D x 256, 8.0M params) with Adam is 96 MB, the CMI generator
+(2.3M params) with Adam 28 MB, resnet34 teacher 85 MB, resnet18 student with
+SGD momentum 89 MB. What does scale with the batch (activations of 2B views
+through the teacher, B through generator and student) is split over devices.
+
+Synthesis is mesh-only: under pmap the contrastive logits would need explicit
+all-gathers of every device's projections and the bank draw would have to agree
+across devices; mesh-jit gets both for free. `pmap_kd_step` is the only pmap
+path (legacy API since JAX 0.8, implemented on shard_map; kept as a shim that
+reuses `distill.kd_step` unchanged apart from its `axis_name`).
+
+Multi-host: `maybe_initialize_distributed` (called once by experiments/run.py),
+`host_shard`/`evaluate_on_hosts` for per-host evaluation, `fetch` for reading
+a sharded array on every host, and `is_main_process` for who writes.
 """
 
 import dataclasses
 import functools
-from typing import Any, Callable, Optional
+import os
+from typing import Any, Callable, Dict, Optional
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA = 'data'
+PMAP_AXIS = 'batch'
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
@@ -49,6 +71,13 @@ def replicate(mesh: Mesh, tree: Any) -> Any:
   return jax.device_put(tree, replicated(mesh))
 
 
+def shard_batch(mesh: Mesh, tree: Any) -> Any:
+  """Splits host batches (leading axis) over the mesh's 'data' axis."""
+  for x in jax.tree_util.tree_leaves(tree):
+    check_divisible(mesh, batch=x.shape[0])
+  return jax.device_put(tree, batch_sharded(mesh))
+
+
 def check_divisible(mesh: Mesh, **batches: int) -> None:
   """Each named batch size must split evenly over the mesh's devices."""
   n = mesh.devices.size
@@ -58,18 +87,101 @@ def check_divisible(mesh: Mesh, **batches: int) -> None:
                        f'{n} (e.g. {max(n, size - size % n)}) or set mesh.num_devices.')
 
 
+# ---------------------------------------------------------------- multi-host
+
 def is_main_process() -> bool:
   """Only process 0 writes checkpoints' side files, metrics and images."""
   return jax.process_index() == 0
 
 
-def maybe_initialize_distributed() -> None:
-  """Multi-host: `jax.distributed.initialize()` when the environment asks for it
-  (JAX_COORDINATOR_ADDRESS, or a cluster JAX auto-detects: SLURM, TPU pods)."""
-  import os  # pylint: disable=g-import-not-at-top
-  if os.environ.get('JAX_COORDINATOR_ADDRESS') or os.environ.get('CMI_JAX_DISTRIBUTED'):
-    jax.distributed.initialize()
+def maybe_initialize_distributed(enabled: Optional[bool] = None) -> bool:
+  """Starts `jax.distributed` for a multi-host run; returns whether it did.
 
+  Call once, before any JAX computation (experiments/run.py does).
+  enabled=None (default) follows the environment: it initializes when
+  JAX_COORDINATOR_ADDRESS is set (manual launch: every process also sets
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID, process 0 hosts the coordinator at that
+  address) or CMI_JAX_DISTRIBUTED=1 (SLURM, Open MPI, Cloud TPU: JAX detects
+  the rest). enabled=True always initializes, False never.
+  """
+  env = os.environ
+  if enabled is None:
+    enabled = bool(env.get('JAX_COORDINATOR_ADDRESS')) or \
+        env.get('CMI_JAX_DISTRIBUTED', '0') not in ('', '0')
+  if not enabled or jax.distributed.is_initialized():
+    return False
+  kwargs = {}
+  if env.get('JAX_COORDINATOR_ADDRESS'):
+    kwargs['coordinator_address'] = env['JAX_COORDINATOR_ADDRESS']
+    for key, arg in (('JAX_NUM_PROCESSES', 'num_processes'), ('JAX_PROCESS_ID', 'process_id')):
+      if env.get(key):
+        kwargs[arg] = int(env[key])
+  jax.distributed.initialize(**kwargs)
+  return True
+
+
+def host_shard(n_examples: int, process_index: Optional[int] = None,
+               process_count: Optional[int] = None) -> slice:
+  """This host's contiguous share of `n_examples` (e.g. the test split).
+
+  The shares of processes 0..P-1 cover every example exactly once and differ
+  in size by at most one.
+  """
+  p = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if not 0 <= p < count:
+    raise ValueError(f'process_index={p} is outside 0..{count - 1}.')
+  return slice(n_examples * p // count, n_examples * (p + 1) // count)
+
+
+def host_sum(tree: Any) -> Any:
+  """Sums host-local numpy values over all processes (identity on one host)."""
+  if jax.process_count() == 1:
+    return tree
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  gathered = multihost_utils.process_allgather(tree)
+  return jax.tree_util.tree_map(lambda a: np.sum(np.asarray(a), axis=0), gathered)
+
+
+def fetch(tree: Any) -> Any:
+  """Numpy values of (possibly sharded, multi-host) arrays, on every process.
+
+  Collective when an array spans other hosts: call it on all processes, then
+  let process 0 write.
+  """
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+  return jax.tree_util.tree_map(get, tree)
+
+
+def evaluate_on_hosts(eval_fn: Callable, variables: Any, images: np.ndarray,
+                      labels: np.ndarray, batch_size: int = 1000) -> Dict[str, float]:
+  """`distill.evaluate` where each host scores its `host_shard` of the split.
+
+  Every process passes the whole split (or the same arrays) and gets the
+  global accuracy (%) and mean CE back. On one host this is distill.evaluate.
+  """
+  from cmi_jax import distill  # pylint: disable=g-import-not-at-top
+  n = len(labels)
+  if n == 0:
+    raise ValueError('evaluate_on_hosts() got an empty split.')
+  sl = host_shard(n)
+  local = sl.stop - sl.start
+  # Host copies of the (replicated) variables: the local evaluation then runs
+  # on this host's default device without touching other hosts.
+  variables = jax.device_get(variables)
+  totals = np.zeros(3, np.float64)
+  if local:
+    ev = distill.evaluate(eval_fn, variables, images[sl], labels[sl], batch_size)
+    totals[:] = (ev['accuracy'] * local / 100.0, ev['loss'] * local, local)
+  correct, ce, count = host_sum(totals)
+  return {'accuracy': 100.0 * correct / count, 'loss': ce / count}
+
+
+# ---------------------------------------------------------------- mesh-jit steps
 
 @dataclasses.dataclass
 class Steps:
@@ -82,9 +194,14 @@ class Steps:
 
 def compile_plan(mesh: Mesh, synth, pre_synth, kd_cfg, fresh: bool) -> Steps:
   """jit-wraps the synthesis round (or GAN generator steps) and the KD chunk for
-  `mesh`: inputs replicated, state donated, batch arrays split along 'data'."""
+  `mesh`: inputs replicated, state donated, batch arrays split along 'data'.
+
+  Raises ValueError when a batch size does not divide over the devices (the
+  steps also check it when traced: `cmi.constrain`).
+  """
   from cmi_jax import distill  # pylint: disable=g-import-not-at-top
   from cmi_jax.synthesis import cmi, gan  # pylint: disable=g-import-not-at-top
+  check_divisible(mesh, synthesis_batch=synth.batch_size, kd_batch=kd_cfg.batch_size)
   rep, shard = replicated(mesh), batch_sharded(mesh)
   steps = Steps()
   if fresh:
@@ -98,3 +215,54 @@ def compile_plan(mesh: Mesh, synth, pre_synth, kd_cfg, fresh: bool) -> Steps:
   steps.kd = jax.jit(functools.partial(distill.kd_steps, kd_cfg, data_sharding=shard),
                      static_argnums=(4,), donate_argnums=(0,), out_shardings=rep)
   return steps
+
+
+# ---------------------------------------------------------------- pmap shim
+
+def split_for_pmap(x: Any, num_devices: int) -> Any:
+  """[B, ...] -> [num_devices, B / num_devices, ...] for every leaf."""
+  def split(a):
+    if a.shape[0] % num_devices:
+      raise ValueError(f'batch={a.shape[0]} does not divide over {num_devices} devices.')
+    return a.reshape((num_devices, a.shape[0] // num_devices) + a.shape[1:])
+  return jax.tree_util.tree_map(split, x)
+
+
+def pmap_kd_step(cfg, student_module, axis_name: str = PMAP_AXIS,
+                 devices: Optional[Any] = None) -> Callable:
+  """`distill.kd_step` under `jax.pmap` (legacy shim; mesh-jit is the main path).
+
+  Args:
+    cfg: the distill.KDConfig.
+    student_module: the student's Flax module (as built for the run); the shim
+      rebuilds it with `axis_name` so its BN statistics are global.
+    axis_name: the pmap axis name.
+    devices: optional device list for pmap (default: all local devices).
+  Returns:
+    step(state, teacher, images, rng) -> (state, metrics). state, teacher and
+    rng are broadcast to every device (pass them already replicated, e.g.
+    `replicate`, to avoid a transfer per call); images is [n_dev, B / n_dev,
+    H, W, C] (`split_for_pmap`). state and metrics come back once, not stacked:
+    kd_step pmeans loss and gradients, so every device holds the same values,
+    equal to one mesh-jit kd_step on the whole batch (the augmentation is drawn
+    for the global batch and sliced per device).
+  """
+  from cmi_jax import distill  # pylint: disable=g-import-not-at-top
+  module = student_module.clone(axis_name=axis_name)
+
+  def step(state, teacher, images, rng):
+    new, metrics = distill.kd_step(cfg, state.replace(apply_fn=module.apply), teacher, images,
+                                   rng, axis_name=axis_name)
+    return new.replace(apply_fn=state.apply_fn), metrics
+
+  pmapped = jax.pmap(step, axis_name=axis_name, in_axes=(None, None, 0, None), out_axes=None,
+                     devices=devices)
+
+  def call(state, teacher, images, rng):
+    # pmap (on shard_map) does not reshard a committed batch (e.g. one computed
+    # from replicated arrays): place it on the pmap devices, split, first.
+    devs = list(devices) if devices is not None else jax.local_devices()[:images.shape[0]]
+    split = NamedSharding(Mesh(np.asarray(devs), (axis_name,)), P(axis_name))
+    return pmapped(state, teacher, jax.device_put(images, split), rng)
+
+  return call

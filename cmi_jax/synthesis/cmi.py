@@ -27,7 +27,7 @@ from cmi_jax import augment
 from cmi_jax.models import Generator, Head
 from cmi_jax.synthesis import losses
 from cmi_jax.synthesis.bank import RingBuffer, ring_add, ring_init, ring_sample_distinct
-from cmi_jax.teacher import Teacher
+from cmi_jax.teacher import Teacher, TeacherOutput
 
 SYNTHESIZERS = ('generator', 'pixels')
 GENERATORS = ('cmi', 'large')
@@ -217,6 +217,15 @@ def _contrastive(cfg, head_state, head_params, feat_l, feat_g, bank_feats, bank_
   return losses.contrastive_loss(p_l, p_g, b, bank_valid, cfg.cr_temperature)
 
 
+def _view_rows(out: TeacherOutput, j: int) -> TeacherOutput:
+  """Rows j, j+2, ... of a teacher call on interleaved [global, local] views
+  (per-sample fields only; the running statistics are shared)."""
+  pick = lambda a: None if a is None else a.reshape((-1, 2) + a.shape[1:])[:, j]
+  bn = tuple(t._replace(mean=pick(t.mean), var=pick(t.var)) for t in out.bn)
+  return out._replace(logits=pick(out.logits), bn=bn, features=pick(out.features),
+                      penultimate=pick(out.penultimate))
+
+
 def _init_trainables(cfg: SynthesisConfig, rng: jax.Array):
   """Round start: a freshly initialized generator + latent z, or raw pixels."""
   k_g, k_z = jax.random.split(rng)
@@ -250,8 +259,24 @@ def _clip_pixels(cfg: SynthesisConfig, trainables):
 
 
 def constrain(x: jax.Array, sharding: Optional[Any]) -> jax.Array:
-  """Splits a batch-sized array along the mesh's data axis (no-op without a mesh)."""
-  return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+  """Splits a batch-sized array along the mesh's data axis (no-op without a mesh).
+
+  Raises ValueError when the leading axis does not divide over the devices
+  (XLA would otherwise pad it or silently replicate the array).
+  """
+  if sharding is None:
+    return x
+  spec = getattr(sharding, 'spec', None)
+  if spec and spec[0] is not None:
+    axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    n = 1
+    for a in axes:
+      n *= sharding.mesh.shape[a]
+    if x.shape[0] % n:
+      raise ValueError(f'a batch of {x.shape[0]} (array {tuple(x.shape)}) does not divide over '
+                       f'the {n} devices of mesh axis {spec[0]!r}; use a batch size that is a '
+                       f'multiple of {n} (parallel.check_divisible) or fewer devices.')
+  return jax.lax.with_sharding_constraint(x, sharding)
 
 
 def synthesis_round(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Teacher],
@@ -290,15 +315,21 @@ def synthesis_round(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Te
     k_views, _ = jax.random.split(key)
     x = constrain(_render(cfg, trainables, gen_stats), data_sharding)
     xg, xl = _views(cfg, k_views, x)
-    views = xg if xl is None else jnp.concatenate([xg, xl], axis=0)
-    views = constrain(views, data_sharding)
-    out = teacher(views.astype(cfg.compute_dtype))
+    if xl is None:
+      out = out_l = teacher(constrain(xg, data_sharding).astype(cfg.compute_dtype))
+    else:
+      # One teacher call on interleaved rows [g0, l0, g1, l1, ...]: each device
+      # holds both views of its own samples, so neither the call nor the split
+      # below moves data between devices (a [xg; xl] concatenation would).
+      views = jnp.stack([xg, xl], axis=1).reshape((2 * b,) + xg.shape[1:])
+      both = teacher(constrain(views, data_sharding).astype(cfg.compute_dtype))
+      out, out_l = _view_rows(both, 0), _view_rows(both, 1)
     s_logits = student(xg.astype(cfg.compute_dtype), taps=False).logits if use_adv else None
     terms = inversion_terms(cfg, teacher_out=out, rows=b, targets=targets,
                             student_logits=s_logits, x=x)
-    feats = out.features if out.features is not None else jnp.zeros((views.shape[0], 0))
-    feat_g = feats[:b]
-    feat_l = feats[b:] if xl is not None else feat_g
+    no_feats = jnp.zeros((b, 0), jnp.float32)
+    feat_g = out.features if out.features is not None else no_feats
+    feat_l = out_l.features if out_l.features is not None else no_feats
     if use_cr:
       terms['cr'] = _contrastive(cfg, state.head, head_params, feat_l, feat_g, bank_feats,
                                  bank_valid)
