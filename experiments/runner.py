@@ -9,7 +9,6 @@ import time
 from typing import Any, Dict, List, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from tqdm import tqdm
@@ -17,7 +16,7 @@ from tqdm import tqdm
 from cmi_jax import data, distill, models, parallel, report
 from cmi_jax.checkpoint import Checkpointer, abstract
 from cmi_jax.state import cosine_per_epoch, create_classifier_state, rng_stream, sgd
-from cmi_jax.synthesis import cmi, gan
+from cmi_jax.synthesis import cmi, gan, presets
 from cmi_jax.synthesis.cmi import LossWeights, SynthesisConfig
 from cmi_jax.teacher import Teacher
 
@@ -31,6 +30,7 @@ def validate(cfg) -> None:
     raise ValueError(f'config.{field}={value!r} is invalid: {must}.')
 
   data.get_info(cfg.data.name)
+  _check_method(cfg)
   for field in ('teacher.arch', 'student.arch'):
     sec, key = field.split('.')
     if cfg[sec][key] not in models.CLASSIFIERS:
@@ -67,6 +67,34 @@ def validate(cfg) -> None:
     if not ok:
       bad(field, value, must)
   synthesis_config(cfg, data.get_info(cfg.data.name), cfg.synthesis.weights.to_dict())
+
+
+def _check_method(cfg) -> None:
+  """`method` must name a preset. A config whose structure departs from its preset
+  (another synthesizer, loss kind, KD mode, or a loss term switched on/off: e.g.
+  `--config.method=dafl`, which renames the run but does not apply the preset) is
+  reported field by field; sizes and magnitudes (g_steps, weights > 0) may differ."""
+  preset = presets.get(cfg.method)  # ValueError listing the presets
+  diffs = []
+
+  def same(have, want):
+    if isinstance(want, bool) or not isinstance(want, (int, float)):
+      return tuple(have) == tuple(want) if isinstance(want, tuple) else have == want
+    return (have == 0) == (want == 0)
+
+  def walk(section, values, path):
+    for k, v in values.items():
+      if isinstance(v, dict):
+        walk(section[k], v, f'{path}.{k}')
+      elif not same(section[k], v):
+        diffs.append(f'{path}.{k}={section[k]!r} (preset: {v!r})')
+  for sec, values in preset.items():
+    walk(cfg[sec], values, sec)
+  if diffs:
+    logging.warning('config.method=%r, but the config departs from that preset: %s. Select '
+                    "a method with the config file's argument (e.g. "
+                    '--config=configs/cifar10.py:method=%s) so that its preset applies.',
+                    cfg.method, ', '.join(diffs), cfg.method)
 
 
 def synthesis_config(cfg, info: data.DatasetInfo, weights: Dict[str, float]) -> SynthesisConfig:
@@ -144,7 +172,8 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
   synth = synthesis_config(cfg, info, cfg.synthesis.weights.to_dict())
   pre_synth = dataclasses.replace(synth, weights=dataclasses.replace(
       synth.weights, adv=cfg.kd.pre_adv, oh=cfg.kd.pre_oh))
-  parallel.check_divisible(mesh, synthesis_batch=synth.batch_size, kd_batch=cfg.kd.batch_size)
+  parallel.check_divisible(mesh, **{'synthesis.batch_size': synth.batch_size,
+                                   'kd.batch_size': cfg.kd.batch_size})
   teacher = load_teacher(cfg, info, synth.compute_dtype)
   student_module = models.get(cfg.student.arch, info.num_classes, dtype=synth.compute_dtype)
   test = load_test_split(cfg)
@@ -244,15 +273,15 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
                                                    'student_accuracy') if k in row})
     # 4. Checkpoint at round boundaries (and always at epoch ends and the end).
     last = r + 1 == plan.total_rounds
-    if (r + 1) % cfg.log.checkpoint_every_rounds == 0 or plan.ends_epoch(r) or last:
+    stop = bool(cfg.log.stop_after_rounds) and r + 1 - start >= cfg.log.stop_after_rounds \
+        and not last
+    if (r + 1) % cfg.log.checkpoint_every_rounds == 0 or plan.ends_epoch(r) or last or stop:
       meta = {'round': r + 1, 'history': history,
               'teacher_accuracy': meta['teacher_accuracy']}
       ckpt.save(r + 1, state, meta)
-    if plan.ends_epoch(r) or last:
+    if plan.ends_epoch(r) and not last:  # the end of the run plots after the summary
       _plots(workdir, writer)
-    if cfg.log.stop_after_rounds and r + 1 - start >= cfg.log.stop_after_rounds and not last:
-      ckpt.save(r + 1, state, {'round': r + 1, 'history': history,
-                               'teacher_accuracy': meta['teacher_accuracy']})
+    if stop:
       print(f'Stopping after {cfg.log.stop_after_rounds} round(s) as log.stop_after_rounds asks; '
             'run the same command again to continue.')
       bar.close()

@@ -84,8 +84,10 @@ PRESETS['cmi_head_none'] = _merge(PRESETS['cmi'], {'synthesis': {'head_kind': 'n
 PRESETS['cmi_head_linear'] = _merge(PRESETS['cmi'], {'synthesis': {'head_kind': 'linear'}})
 PRESETS['cmi_head_mlp'] = PRESETS['cmi']
 # Table 1 "adversarial": non-adversarial pre-inversion (stage 1) then adversarial CMI.
+# The pool keeps every image of both stages, as the reference's on-disk pool does:
+# (196 + 40) rounds x 256 = 60416 (196 x 256 = 50176, the ~50k pre-inverted set).
 PRESETS['cmi_two_stage'] = _merge(PRESETS['cmi'], {
-    'synthesis': {'weights': {'oh': 0.5}},
+    'synthesis': {'weights': {'oh': 0.5}, 'pool_size': 60416},
     'kd': {'pre_rounds': 196, 'pre_adv': 0.0, 'pre_oh': 1.0, 'kd_steps': 2000, 'ep_steps': 2000,
            'epochs': 40}})
 
