@@ -164,8 +164,13 @@ def load_cifar(directory: str, split: str, num_classes: int) -> Split:
     if 'data' not in d or key not in d:
       raise DataNotFoundError(f'{p} lacks the "data"/"{key}" entries of a CIFAR-{num_classes} '
                               'batch (wrong dataset for this config?).')
-    images.append(np.asarray(d['data'], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-    labels.append(np.asarray(d[key], np.int32))
+    imgs = np.asarray(d['data'], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    lbls = np.asarray(d[key], np.int32)
+    if len(imgs) != len(lbls):
+      raise DataNotFoundError(f'{p} holds {len(imgs)} images but {len(lbls)} labels; the file '
+                              'is damaged.')
+    images.append(imgs)
+    labels.append(lbls)
   return Split(np.concatenate(images), np.concatenate(labels))
 
 

@@ -56,7 +56,7 @@ def base_config(dataset: str, method: str = 'cmi'):
       n_neg=4096, head_kind='mlp', head_dim=256, bank_size=40960, pool_size=51200,
       synthesizer='generator', generator='cmi', reinit=True, nz=256, ngf=64, views='cmi',
       global_padding=-1,  # -1: the dataset's standard crop padding (4 for CIFAR)
-      local_scale=(0.25, 1.0), jitter=4, dtype='float32'))
+      local_scale=(0.25, 1.0), jitter=-1, dtype='float32'))  # jitter -1: size // 8
   # Student: SGD, cosine stepped per epoch; each epoch runs ep_steps // kd_steps rounds of
   # (one synthesis call, kd_steps student steps). pre_rounds: synthesis-only rounds first
   # (two-stage recipe) with weights adv=pre_adv, oh=pre_oh.
@@ -64,7 +64,9 @@ def base_config(dataset: str, method: str = 'cmi'):
       batch_size=128, kd_steps=400, ep_steps=400, epochs=200, lr=0.1, momentum=0.9,
       weight_decay=1e-4, temperature=20.0, loss='kl', mode='pool', augment=True,
       pre_rounds=0, pre_adv=0.0, pre_oh=1.0))
-  c.mesh = C(dict(num_devices=0))  # 0: all devices, along one 'data' axis
+  # num_devices 0: all devices, along one 'data' axis. distributed: 'auto' initializes
+  # jax.distributed when the environment asks (JAX_COORDINATOR_ADDRESS, CMI_JAX_DISTRIBUTED=1).
+  c.mesh = C(dict(num_devices=0, distributed='auto'))
   c.log = C(dict(every_kd_steps=50, grid_every_rounds=1, grid_per_class=10,
                  checkpoint_every_rounds=1, max_checkpoints=2,
                  stop_after_rounds=0))  # >0: checkpoint and exit after that many rounds

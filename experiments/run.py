@@ -28,7 +28,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   from experiments import runner  # pylint: disable=g-import-not-at-top  (after flag parsing)
   cfg = _CONFIG.value
-  runner.maybe_initialize_distributed()
+  runner.maybe_initialize_distributed(cfg)
   workdir = _WORKDIR.value or os.path.join(
       'runs', f'{cfg.data.name}_{cfg.method}_{cfg.teacher.arch}-{cfg.student.arch}')
   t0 = time.time()

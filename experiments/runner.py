@@ -4,6 +4,7 @@ Kept separate from the absl entry point so tests can call `run(cfg, workdir)`.
 """
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Any, Dict, List, Optional
@@ -167,6 +168,9 @@ class Plan:
 def run(cfg, workdir: str) -> Dict[str, Any]:
   """Runs (or resumes) the data-free KD described by `cfg`; returns the summary."""
   validate(cfg)
+  if jax.process_count() > 1 and cfg.mesh.num_devices not in (0, jax.device_count()):
+    raise ValueError(f'config.mesh.num_devices={cfg.mesh.num_devices} is invalid: a multi-host '
+                     f'run uses all {jax.device_count()} devices; set 0.')
   info = data.get_info(cfg.data.name)
   mesh = parallel.make_mesh(cfg.mesh.num_devices)
   synth = synthesis_config(cfg, info, cfg.synthesis.weights.to_dict())
@@ -210,7 +214,7 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
   fns = parallel.compile_plan(mesh, synth, pre_synth, kd_cfg, fresh)
   eval_fn = distill.make_eval_fn(student_module.apply, info.mean, info.std)
   if test is not None and meta['teacher_accuracy'] is None:
-    meta['teacher_accuracy'] = distill.evaluate(
+    meta['teacher_accuracy'] = parallel.evaluate_on_hosts(
         distill.make_eval_fn(teacher.module.apply, info.mean, info.std), teacher.variables, test.images, test.labels, cfg.data.eval_batch_size)['accuracy']
     print(f'Teacher accuracy on the {cfg.data.name} test split: {meta["teacher_accuracy"]:.2f}%')
 
@@ -219,9 +223,13 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
   start = int(meta['round'])
   bar = tqdm(total=plan.total_rounds, initial=start, desc=f'{cfg.method} rounds', unit='round',
              dynamic_ncols=True, disable=not parallel.is_main_process())
+  if fresh:  # GAN baselines keep no pool: grids show fresh samples, once per epoch
+    preview = jax.jit(functools.partial(gan.preview, synth, n=info.num_classes *
+                                        cfg.log.grid_per_class * 2))
   t0 = time.time()
   for r in range(start, plan.total_rounds):
     row: Dict[str, Any] = {'round': r + 1}
+    bar.set_description(f'{cfg.method} round {r + 1}: synthesis')
     student = Teacher(student_module, {'params': state['student'].params,
                                        'batch_stats': state['student'].batch_stats})
     # 1. Synthesis.
@@ -238,6 +246,7 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
     row.update(_synthesis_row(m))
     # 2. KD on the pool (or fresh samples), in chunks for the progress bar.
     if r >= plan.pre_rounds:
+      bar.set_description(f'{cfg.method} round {r + 1}: KD')
       source = (gan.FreshSource(state['generator'], synth.nz) if fresh else state['synth'].pool)
       kd_rows = []
       done = 0
@@ -253,21 +262,26 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
       row['pool_size'] = int(state['synth'].pool.count)
     # 3. Evaluation at epoch ends.
     if plan.ends_epoch(r):
+      bar.set_description(f'{cfg.method} round {r + 1}: eval')
       row['epoch'] = plan.epoch_of(r) + 1
+      if fresh:
+        images, targets = preview(teacher, state['generator'], jax.random.fold_in(synth_key, r))
       if test is not None:
-        ev = distill.evaluate(eval_fn, {'params': state['student'].params,
+        ev = parallel.evaluate_on_hosts(eval_fn, {'params': state['student'].params,
                                         'batch_stats': state['student'].batch_stats},
                               test.images, test.labels, cfg.data.eval_batch_size)
         row['student_accuracy'], row['student_test_loss'] = ev['accuracy'], ev['loss']
       history.append({k: row[k] for k in ('round', 'epoch', 'student_accuracy') if k in row})
     row['elapsed_s'] = time.time() - t0
     writer.write_scalars(r + 1, row)
-    if images is not None and (r + 1) % cfg.log.grid_every_rounds == 0 \
-        and parallel.is_main_process():
-      grid = report.class_grid(np.asarray(images), np.asarray(targets), info.num_classes,
-                               cfg.log.grid_per_class)
-      report.save_png(os.path.join(workdir, 'images', f'round_{r + 1:05d}.png'), grid,
-                      scale=2 if info.image_shape[0] <= 32 else 1)
+    grid_due = (r + 1) % cfg.log.grid_every_rounds == 0 or fresh
+    if images is not None and grid_due:
+      images_np, targets_np = parallel.fetch((images, targets))  # collective: every process
+      if parallel.is_main_process():
+        grid = report.class_grid(images_np, targets_np, info.num_classes,
+                                 cfg.log.grid_per_class)
+        report.save_png(os.path.join(workdir, 'images', f'round_{r + 1:05d}.png'), grid,
+                        scale=2 if info.image_shape[0] <= 32 else 1)
     bar.update(1)
     bar.set_postfix({k: f'{row[k]:.3g}' for k in ('loss', 'l_bn', 'l_cr', 'kd_loss',
                                                    'student_accuracy') if k in row})
@@ -345,5 +359,10 @@ def _summary(cfg, plan, history, meta, workdir, seconds) -> Dict[str, Any]:
   }
 
 
-def maybe_initialize_distributed() -> None:
-  parallel.maybe_initialize_distributed()
+def maybe_initialize_distributed(cfg) -> None:
+  """config.mesh.distributed: 'auto' (follow the environment), 'on' or 'off'."""
+  choices = {'auto': None, 'on': True, 'off': False}
+  if cfg.mesh.distributed not in choices:
+    raise ValueError(f'config.mesh.distributed={cfg.mesh.distributed!r} is invalid: must be '
+                     f'one of {sorted(choices)}.')
+  parallel.maybe_initialize_distributed(choices[cfg.mesh.distributed])

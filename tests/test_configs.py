@@ -279,8 +279,6 @@ def test_cifar100_validates_and_evaluates(tmp_path):
   assert 0 <= acc <= 100 and acc * 12 / 100 == pytest.approx(round(acc * 12 / 100))
 
 
-@pytest.mark.xfail(strict=True, reason='cmi_jax/data.py load_cifar does not check that a '
-                   'batch has as many labels as images; evaluate() then fails on shapes')
 def test_cifar_batch_with_missing_labels_is_a_data_error(tmp_path):
   batches = _write_cifar(tmp_path, 'cifar10')
   test = dict(batches['test_batch'], labels=batches['test_batch']['labels'][:10])

@@ -68,7 +68,7 @@ class SynthesisConfig:
   head_kind: str = 'mlp'
   head_dim: int = 256
   bank_size: int = 40960
-  pool_size: int = 50000
+  pool_size: int = 51200      # 200 rounds x 256 (the reference keeps every image)
   synthesizer: str = 'generator'
   generator: str = 'cmi'       # 'cmi' (2*ngf) or 'large' (4*ngf, GAN baselines)
   reinit: bool = True          # re-initialize the generator every round (CMI)
@@ -77,7 +77,7 @@ class SynthesisConfig:
   views: str = 'cmi'
   global_padding: int = 4
   local_scale: Tuple[float, float] = (0.25, 1.0)
-  jitter: int = 4
+  jitter: int = -1            # max roll (px) of the 'jitter' views; -1: image size // 8
   dtype: str = 'float32'
 
   def validate(self) -> 'SynthesisConfig':
@@ -166,7 +166,8 @@ def _views(cfg: SynthesisConfig, rng: jax.Array, x: jax.Array) -> Tuple[jax.Arra
   b, h, w, _ = x.shape
   k_g, k_l = jax.random.split(rng)
   if cfg.views == 'jitter':
-    warp = augment.roll_flip(k_g, b, (h, w), (cfg.jitter, cfg.jitter))
+    jy, jx = (cfg.jitter, cfg.jitter) if cfg.jitter >= 0 else (h // 8, w // 8)
+    warp = augment.roll_flip(k_g, b, (h, w), (jy, jx))
     return augment.normalize(augment.apply_warp(x, warp), cfg.mean, cfg.std), None
   xg = augment.apply_warp(x, augment.crop_flip(k_g, b, (h, w), cfg.global_padding))
   xl = augment.apply_warp(x, augment.resized_crop_flip(k_l, b, (h, w), cfg.local_scale))

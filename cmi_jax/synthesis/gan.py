@@ -74,3 +74,11 @@ def gan_round(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Teacher]
 
   gen, rows = jax.lax.scan(step, gen, jax.random.split(rng, cfg.g_steps))
   return gen, rows
+
+
+def preview(cfg: SynthesisConfig, teacher: Teacher, gen: ClassifierState, rng: jax.Array,
+            n: int) -> Tuple[jax.Array, jax.Array]:
+  """n fresh samples and the teacher's predicted class for each (for image grids)."""
+  x = sample(FreshSource(gen, cfg.nz), rng, n)
+  logits = teacher(augment.normalize(x, cfg.mean, cfg.std), taps=False).logits
+  return x, jnp.argmax(logits, -1)
