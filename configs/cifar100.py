@@ -4,14 +4,9 @@
       --config.teacher.checkpoint=checkpoints/pretrained/cifar100_wrn_40_2.pth \
       --config.data.dir=data/cifar100 --workdir=runs/c100_wrn40_2-wrn16_1
 
-Rows: resnet34-resnet18, vgg11-resnet18, wrn40_2-wrn16_1 (default), wrn40_2-wrn40_1,
-wrn40_2-wrn16_2. Add `,method=<preset>` for a baseline or an ablation (deepinv, dafl,
-zskt, dfq, dfad, cmi_no_contrast, cmi_no_adv, cmi_no_generator, cmi_head_none,
-cmi_head_linear, cmi_two_stage) and `,quick` for a seconds-long smoke run.
-Defaults are the published hyperparameters (200 epochs x 400 KD steps, 200 generator
-steps per round): a multi-GPU-day job; expected student accuracy in the README table
-(CMI wrn40_2->wrn16_1: 57.91%). The teacher checkpoint is a reference .pth
-(converted on the fly) or a directory from experiments/convert_teacher.py.
+Same rows, methods, `quick` variant and published hyperparameters as configs/cifar10.py
+(see its docstring); 100 classes and CIFAR-100 normalization come from the dataset.
+Expected student accuracy in the README table (CMI wrn40_2->wrn16_1: 57.91%).
 """
 
 from configs.common import make_dataset_config

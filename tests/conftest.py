@@ -9,3 +9,42 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 jax.config.update('jax_threefry_partitionable', True)
+
+
+import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+_CACHE_FLAGS = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
+                'jax_persistent_cache_min_entry_size_bytes', 'jax_disable_most_optimizations')
+
+
+def _reset_compilation_cache():
+  try:
+    from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
+    compilation_cache.reset_cache()
+  except (ImportError, AttributeError):
+    pass
+
+
+@pytest.fixture(scope='session')
+def cache_dir(tmp_path_factory):
+  """One persistent-compilation-cache folder for the whole session."""
+  return str(tmp_path_factory.getbasetemp() / 'jax_cache')
+
+
+@pytest.fixture(scope='module')
+def compilation_cache(cache_dir):
+  """For modules that run whole experiments: a persistent compilation cache
+  shared by the modules of one session (runs rebuild their jitted closures, so
+  identical programs recompile; the cache turns that into a lookup) and XLA's
+  slow optimizations off; the previous settings are restored afterwards.
+  Opt in with `pytestmark = pytest.mark.usefixtures('compilation_cache')`."""
+  old = {name: jax.config.values[name] for name in _CACHE_FLAGS}
+  jax.config.update('jax_compilation_cache_dir', cache_dir)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  jax.config.update('jax_disable_most_optimizations', True)
+  _reset_compilation_cache()
+  yield
+  for name, value in old.items():
+    jax.config.update(name, value)
+  _reset_compilation_cache()

@@ -30,37 +30,7 @@ ROWS = {
 CIFAR = {'cifar10': (cifar10, 10, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
          'cifar100': (cifar100, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
 
-_CACHE_FLAGS = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-                'jax_persistent_cache_min_entry_size_bytes', 'jax_disable_most_optimizations')
-
-
-def _reset_compilation_cache():
-  try:
-    from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
-    compilation_cache.reset_cache()
-  except (ImportError, AttributeError):
-    pass
-
-
-@pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.getbasetemp() / 'jax_cache')
-
-
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache(cache_dir):
-  """Persistent compilation cache shared by the modules of one session (as in
-  tests/test_run.py), XLA's slow optimizations off; restored afterwards."""
-  old = {name: jax.config.values[name] for name in _CACHE_FLAGS}
-  jax.config.update('jax_compilation_cache_dir', cache_dir)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
-  jax.config.update('jax_disable_most_optimizations', True)
-  _reset_compilation_cache()
-  yield
-  for name, value in old.items():
-    jax.config.update(name, value)
-  _reset_compilation_cache()
+pytestmark = pytest.mark.usefixtures('compilation_cache')
 
 
 # ---------------------------------------------------------------- Table 1 rows

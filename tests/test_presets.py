@@ -25,32 +25,7 @@ from cmi_jax.teacher import Teacher
 from configs import common, fashion_mnist
 from experiments import runner
 
-_CACHE_FLAGS = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-                'jax_persistent_cache_min_entry_size_bytes', 'jax_disable_most_optimizations')
-
-
-def _reset_compilation_cache():
-  try:
-    from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
-    compilation_cache.reset_cache()
-  except (ImportError, AttributeError):
-    pass
-
-
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache(tmp_path_factory):
-  """Persistent compilation cache shared by the modules of one session (as in
-  tests/test_run.py), XLA's slow optimizations off; restored afterwards."""
-  old = {name: jax.config.values[name] for name in _CACHE_FLAGS}
-  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.getbasetemp() / 'jax_cache'))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
-  jax.config.update('jax_disable_most_optimizations', True)
-  _reset_compilation_cache()
-  yield
-  for name, value in old.items():
-    jax.config.update(name, value)
-  _reset_compilation_cache()
+pytestmark = pytest.mark.usefixtures('compilation_cache')
 
 
 # CMI as published (reference-facts sections 2 and 3, 'from scratch').

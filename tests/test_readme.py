@@ -34,6 +34,6 @@ def test_library_example_runs(monkeypatch):
   scope = {}
   exec(compile(example, 'README.md', 'exec'), scope)  # pylint: disable=exec-used
   out, more, deepinv = scope['out'], scope['more'], scope['deepinv']
-  assert out.images.shape == (64, 28, 28, 1) and out.images.dtype == np.uint8
-  assert int(more.state.pool.count) == 96 and int(more.state.round) == 3
+  assert out.images.shape == (32, 28, 28, 1) and out.images.dtype == np.uint8
+  assert int(more.state.pool.count) == 48 and int(more.state.round) == 3
   assert deepinv.images.shape[0] == 16 and 'l_tv' in deepinv.metrics[0]

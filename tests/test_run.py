@@ -45,32 +45,7 @@ HAVE_DATA = _have_fmnist_test()
 needs_data = pytest.mark.skipif(not HAVE_DATA, reason='Fashion-MNIST test split not installed '
                                 '(apt-get install dataset-fashion-mnist)')
 
-_CACHE_FLAGS = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-                'jax_persistent_cache_min_entry_size_bytes', 'jax_disable_most_optimizations')
-
-
-def _reset_compilation_cache():
-  try:
-    from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
-    compilation_cache.reset_cache()
-  except (ImportError, AttributeError):
-    pass
-
-
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache(tmp_path_factory):
-  """Persistent compilation cache in a temporary folder (shared by the modules
-  of one session), and XLA's slow optimizations off; restored afterwards."""
-  old = {name: jax.config.values[name] for name in _CACHE_FLAGS}
-  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.getbasetemp() / 'jax_cache'))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
-  jax.config.update('jax_disable_most_optimizations', True)
-  _reset_compilation_cache()
-  yield
-  for name, value in old.items():
-    jax.config.update(name, value)
-  _reset_compilation_cache()
+pytestmark = pytest.mark.usefixtures('compilation_cache')
 
 
 def tiny_config(method='cmi', epochs=EPOCHS, rounds_per_epoch=ROUNDS_PER_EPOCH,
