@@ -9,30 +9,7 @@ import pytest
 from cmi_jax import models
 from cmi_jax.models import layers
 from cmi_jax.models.generator import Generator
-
-
-def _abstract_variables(module, shape, **kwargs):
-  """Variables as ShapeDtypeStructs (no real init cost)."""
-  return jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros(shape), **kwargs))
-
-
-def _random_variables(module, shape, seed=0):
-  """Random params/batch_stats of the right shapes, drawn in numpy (real init is slow
-  on a busy CPU); kernels scaled by 1/sqrt(fan_in), running stats non-trivial."""
-  rng = np.random.default_rng(seed)
-  abstract = _abstract_variables(module, shape)
-
-  def draw(path, x):
-    name = path[-1].key
-    if name == 'kernel':
-      v = rng.normal(size=x.shape) / np.sqrt(np.prod(x.shape[:-1]))
-    elif name in ('scale', 'var'):
-      v = rng.uniform(0.5, 1.5, size=x.shape)
-    else:  # bias, mean
-      v = 0.1 * rng.normal(size=x.shape)
-    return jnp.asarray(v, x.dtype)
-  return {k: jax.tree_util.tree_map_with_path(draw, abstract[k])
-          for k in ('params', 'batch_stats')}
+from tests.helpers import abstract_variables, random_variables
 
 
 def _flat(tree, prefix=()):
@@ -83,14 +60,14 @@ def _record_bn_inputs():
     ('wrn_40_2', 2.24), ('wrn_16_1', 0.175), ('resnet34', 21.28), ('resnet18', 11.17),
     ('vgg11', 9.23)])
 def test_param_counts_match_reference(arch, millions):
-  variables = _abstract_variables(models.get(arch, 10), (1, 32, 32, 3))
+  variables = abstract_variables(models.get(arch, 10), (1, 32, 32, 3))
   assert abs(_count(variables['params']) / 1e6 - millions) <= 0.01
 
 
 @pytest.mark.parametrize('arch, n_bn', [('wrn_40_2', 37), ('wrn_16_1', 13)])
 def test_bn_layer_and_tap_counts(arch, n_bn):
   module = models.get(arch, 10)
-  variables = _abstract_variables(module, (1, 32, 32, 3))
+  variables = abstract_variables(module, (1, 32, 32, 3))
   assert len(_flat(variables['batch_stats'])) == 2 * n_bn  # mean and var per BN
   _, taps = jax.eval_shape(
       lambda v: module.apply(v, jnp.zeros((2, 32, 32, 3)), mutable=[models.TAPS]),
@@ -106,7 +83,7 @@ def test_models_any_size_and_class_count():
   """[N, K] logits at 28x28x1, 32x32x3, 64x64x3; one real forward, the rest traced."""
   module = models.get('wrn_16_1', 7)
   x = jax.random.uniform(jax.random.key(1), (2, 28, 28, 1))
-  variables = _random_variables(module, x.shape)
+  variables = random_variables(module, x.shape)
   logits = module.apply(variables, x)
   assert logits.shape == (2, 7) and logits.dtype == jnp.float32
   assert np.all(np.isfinite(logits))
@@ -138,7 +115,7 @@ def test_vgg_64_forward_uses_extra_pool():
   """A real 64x64 forward: block4 runs at 4x4, the logits are the numpy head on it."""
   module = models.get('vgg11', 5)
   x = jax.random.uniform(jax.random.key(2), (1, 64, 64, 3))
-  variables = _random_variables(module, x.shape)
+  variables = random_variables(module, x.shape)
   calls, interceptor = _record_bn_inputs()
   with nn.intercept_methods(interceptor):
     logits = module.apply(variables, x)
@@ -157,7 +134,7 @@ def test_vgg_64_forward_uses_extra_pool():
 # ---------------------------------------------------------------- key names
 
 def test_wrn_16_1_keys():
-  v = _abstract_variables(models.get('wrn_16_1', 10), (1, 32, 32, 3))
+  v = abstract_variables(models.get('wrn_16_1', 10), (1, 32, 32, 3))
   expected = {'conv1.weight', 'fc.weight', 'fc.bias'} | _bn_keys('bn1')
   in_planes = 16
   for g, out_planes in enumerate((16, 32, 64), start=1):
@@ -175,7 +152,7 @@ def test_wrn_16_1_keys():
 
 
 def test_resnet18_keys():
-  v = _abstract_variables(models.get('resnet18', 10), (1, 32, 32, 3))
+  v = abstract_variables(models.get('resnet18', 10), (1, 32, 32, 3))
   expected = {'conv1.weight', 'linear.weight', 'linear.bias'} | _bn_keys('bn1')
   for k in range(1, 5):
     for j in range(2):
@@ -190,7 +167,7 @@ def test_resnet18_keys():
 
 
 def test_vgg11_keys():
-  v = _abstract_variables(models.get('vgg11', 10), (1, 32, 32, 3))
+  v = abstract_variables(models.get('vgg11', 10), (1, 32, 32, 3))
   expected = {'classifier.weight', 'classifier.bias'}
   for b, n_conv in enumerate((1, 1, 2, 2, 2)):
     for i in range(n_conv):
@@ -202,7 +179,7 @@ def test_vgg11_keys():
 
 
 def test_generator_keys_and_shapes():
-  v = _abstract_variables(Generator(), (2, 256))
+  v = abstract_variables(Generator(), (2, 256))
   expected = {'l1.0.weight', 'l1.0.bias', 'conv_blocks.2.weight', 'conv_blocks.6.weight',
               'conv_blocks.9.weight', 'conv_blocks.9.bias'}
   for i in (0, 3, 7):
@@ -213,7 +190,7 @@ def test_generator_keys_and_shapes():
   assert p['conv_blocks']['2']['kernel'].shape == (3, 3, 128, 128)
   assert p['conv_blocks']['6']['kernel'].shape == (3, 3, 128, 64)
   assert p['conv_blocks']['9']['kernel'].shape == (3, 3, 64, 3)
-  large = _abstract_variables(Generator(large=True), (2, 256))['params']
+  large = abstract_variables(Generator(large=True), (2, 256))['params']
   assert large['l1']['0']['kernel'].shape == (256, 256 * 8 * 8)
   assert large['conv_blocks']['2']['kernel'].shape == (3, 3, 256, 128)
 
@@ -317,7 +294,7 @@ def test_batchnorm_train_mode_matches_pytorch_semantics():
 def test_generator_output_range_shape_train_mode(size, nc):
   gen = Generator(nz=8, ngf=4, img_size=size, nc=nc)
   z = jax.random.normal(jax.random.key(0), (3, 8))
-  variables = _random_variables(gen, z.shape)
+  variables = random_variables(gen, z.shape)
   calls = []
 
   def interceptor(next_fun, args, kwargs, context):
@@ -342,7 +319,7 @@ def test_generator_output_range_shape_train_mode(size, nc):
 def test_generator_l1_reshape_is_nchw():
   gen = Generator(nz=4, ngf=2, img_size=8, nc=1)  # width 4, 2x2 after l1
   z = jnp.ones((2, 4))
-  variables = _random_variables(gen, z.shape)
+  variables = random_variables(gen, z.shape)
   c, s = 4, 2
   bias = np.arange(c * s * s, dtype=np.float32)
   params = dict(variables['params'])

@@ -10,24 +10,7 @@ from cmi_jax import models
 from cmi_jax.models import layers
 from cmi_jax.models.resnet import _ResLayer
 from cmi_jax.teacher import Teacher, subset_batch_stats
-
-
-def _random_variables(module, shape, seed=0):
-  """Random params and non-trivial running stats, drawn in numpy (no slow init)."""
-  rng = np.random.default_rng(seed)
-  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros(shape)))
-
-  def draw(path, x):
-    name = path[-1].key
-    if name == 'kernel':
-      v = rng.normal(size=x.shape) / np.sqrt(np.prod(x.shape[:-1]))
-    elif name in ('scale', 'var'):
-      v = rng.uniform(0.5, 1.5, size=x.shape)
-    else:
-      v = 0.1 * rng.normal(size=x.shape)
-    return jnp.asarray(v, x.dtype)
-  return {k: jax.tree_util.tree_map_with_path(draw, abstract[k])
-          for k in ('params', 'batch_stats')}
+from tests.helpers import random_variables
 
 
 def _capture(module_type):
@@ -51,7 +34,7 @@ def _get(tree, path):
 def wrn():
   """wrn_16_1 teacher on 8x8x3 inputs, its output and the BN inputs seen eagerly."""
   module = models.get('wrn_16_1', 10)
-  teacher = Teacher(module, _random_variables(module, (1, 8, 8, 3)))
+  teacher = Teacher(module, random_variables(module, (1, 8, 8, 3)))
   x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
   calls, interceptor = _capture(layers.BatchNorm)
   with nn.intercept_methods(interceptor):
@@ -98,7 +81,7 @@ def test_wrn_40_2_feature_dims():
 
 def test_resnet18_features_are_layer_input_means():
   module = models.get('resnet18', 10)
-  teacher = Teacher(module, _random_variables(module, (1, 8, 8, 3), seed=1))
+  teacher = Teacher(module, random_variables(module, (1, 8, 8, 3), seed=1))
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
   calls, interceptor = _capture(_ResLayer)
   with nn.intercept_methods(interceptor):
