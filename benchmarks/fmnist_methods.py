@@ -16,7 +16,6 @@ method is not re-run (its summary.json is read back).
 import argparse
 import json
 import os
-import time
 
 from configs import fashion_mnist
 from experiments import runner
@@ -42,7 +41,6 @@ def main():
     if g_steps:
       cfg.synthesis.g_steps = int(g_steps)
     workdir = os.path.join('runs', f'bench_{method}_g{cfg.synthesis.g_steps}')
-    t0 = time.time()
     summary_path = os.path.join(workdir, 'summary.json')
     if os.path.exists(summary_path):
       with open(summary_path, encoding='utf-8') as f:
@@ -54,7 +52,9 @@ def main():
                  'student_accuracy': summary['student_accuracy'],
                  'best_student_accuracy': summary['best_student_accuracy'],
                  'teacher_accuracy': summary['teacher_accuracy'],
-                 'seconds': round(time.time() - t0, 1), 'workdir': workdir})
+                 # wall time of the run's last (possibly resumed) session
+                 'seconds_last_session': round(summary['seconds_this_session'], 1),
+                 'workdir': workdir})
     print(f"{method:>18}: final {summary['student_accuracy']:.2f}%  best "
           f"{summary['best_student_accuracy']:.2f}%", flush=True)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -8,7 +8,7 @@ import pytest
 
 from cmi_jax import models
 from cmi_jax.models import layers
-from cmi_jax.models.resnet import _ResLayer
+from cmi_jax.models.layers import BlockStack
 from cmi_jax.teacher import Teacher, subset_batch_stats
 from tests.helpers import random_variables
 
@@ -83,7 +83,7 @@ def test_resnet18_features_are_layer_input_means():
   module = models.get('resnet18', 10)
   teacher = Teacher(module, random_variables(module, (1, 8, 8, 3), seed=1))
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
-  calls, interceptor = _capture(_ResLayer)
+  calls, interceptor = _capture(BlockStack)
   with nn.intercept_methods(interceptor):
     out = teacher(x)
   assert [p for p, _ in calls] == ['layer1', 'layer2', 'layer3', 'layer4']

@@ -199,6 +199,25 @@ class BatchNorm(nn.Module):
     return y.astype(self.dtype or x.dtype)
 
 
+class BlockStack(nn.Module):
+  """A PyTorch `nn.Sequential` of residual blocks: children '0', '1', ...; only
+  the first strides. `block` is a module class called as
+  block(features, stride, dtype, axis_name, name=...)(x, train)."""
+  block: Any
+  num_blocks: int
+  features: int
+  stride: int
+  dtype: Optional[Any] = None
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    for i in range(self.num_blocks):
+      x = self.block(self.features, self.stride if i == 0 else 1, self.dtype,
+                     self.axis_name, name=str(i))(x, train)
+    return x
+
+
 def global_avg_pool(x: jax.Array) -> jax.Array:
   """[N, H, W, C] -> [N, C] (AdaptiveAvgPool2d(1) + flatten)."""
   return jnp.mean(x, axis=(1, 2))

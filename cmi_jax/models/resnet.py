@@ -10,8 +10,8 @@ from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 
-from cmi_jax.models.layers import (TAPS, BatchNorm, Conv, global_avg_pool, spatial_mean,
-                                   torch_default_init)
+from cmi_jax.models.layers import (TAPS, BatchNorm, BlockStack, Conv, global_avg_pool,
+                                   spatial_mean, torch_default_init)
 import jax.numpy as jnp
 
 
@@ -46,22 +46,6 @@ class BasicBlock(nn.Module):
     return nn.relu(out + x)
 
 
-class _ResLayer(nn.Module):
-  """`layerK`: blocks named '0', '1', ..."""
-  num_blocks: int
-  planes: int
-  stride: int
-  dtype: Optional[Any] = None
-  axis_name: Optional[str] = None
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    for j in range(self.num_blocks):
-      x = BasicBlock(self.planes, self.stride if j == 0 else 1, self.dtype,
-                     self.axis_name, name=str(j))(x, train)
-    return x
-
-
 class ResNet(nn.Module):
   num_blocks: Sequence[int]
   num_classes: int = 10
@@ -74,8 +58,8 @@ class ResNet(nn.Module):
     x = nn.relu(BatchNorm(dtype=self.dtype, axis_name=self.axis_name, name='bn1')(x, train))
     for k, (planes, stride) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2))):
       self.sow(TAPS, 'feat', spatial_mean(x))
-      x = _ResLayer(self.num_blocks[k], planes, stride, self.dtype, self.axis_name,
-                    name=f'layer{k + 1}')(x, train)
+      x = BlockStack(BasicBlock, self.num_blocks[k], planes, stride, self.dtype,
+                     self.axis_name, name=f'layer{k + 1}')(x, train)
     feat = global_avg_pool(x)
     self.sow(TAPS, 'penultimate', feat.astype(jnp.float32))
     return nn.Dense(self.num_classes, kernel_init=torch_default_init, dtype=self.dtype,

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cmi_jax.models.layers import (TAPS, BatchNorm, Conv, global_avg_pool,
+from cmi_jax.models.layers import (TAPS, BatchNorm, BlockStack, Conv, global_avg_pool,
                                    torch_default_init)
 
 
@@ -38,22 +38,6 @@ class BasicBlock(nn.Module):
     return shortcut + out
 
 
-class _Layer(nn.Module):
-  """`blockX.layer`: the sequence of basic blocks, children named '0', '1', ..."""
-  num_blocks: int
-  out_planes: int
-  stride: int
-  dtype: Optional[Any] = None
-  axis_name: Optional[str] = None
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    for i in range(self.num_blocks):
-      x = BasicBlock(self.out_planes, self.stride if i == 0 else 1, self.dtype,
-                     self.axis_name, name=str(i))(x, train)
-    return x
-
-
 class NetworkBlock(nn.Module):
   """`blockX`: holds `layer` (reference NetworkBlock)."""
   num_blocks: int
@@ -64,8 +48,8 @@ class NetworkBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    return _Layer(self.num_blocks, self.out_planes, self.stride, self.dtype,
-                  self.axis_name, name='layer')(x, train)
+    return BlockStack(BasicBlock, self.num_blocks, self.out_planes, self.stride,
+                      self.dtype, self.axis_name, name='layer')(x, train)
 
 
 class WideResNet(nn.Module):
