@@ -30,7 +30,8 @@ import subprocess
 import sys
 import time
 
-RESULTS = os.path.join(os.path.dirname(__file__), 'results')
+from benchmarks.common import RESULTS, write_result
+
 CPU_NOTE = ('fake CPU devices (--xla_force_host_platform_device_count) share the same {cores} '
             'CPU cores, so no speedup is expected: this measures partitioning overhead only.')
 
@@ -192,10 +193,7 @@ def main():
             'total_s': time.time() - t0,
             # Other work on the host skews CPU timings: the 1-minute load before/after.
             'load_average_1min': [load_before[0], os.getloadavg()[0]]}
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, 'w', encoding='utf-8') as f:
-    json.dump(result, f, indent=2)
-  print(f'wrote {args.out}')
+  write_result(args.out, result)
 
 
 if __name__ == '__main__':

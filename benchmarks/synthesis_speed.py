@@ -15,9 +15,7 @@ Writes benchmarks/results/synthesis_speed.json.
 """
 
 import argparse
-import json
 import os
-import platform
 import resource
 import statistics
 import time
@@ -25,12 +23,12 @@ import time
 import jax
 import jax.numpy as jnp
 
+from benchmarks.common import RESULTS, machine_info, write_result
 from cmi_jax import models
 from cmi_jax.synthesis.bank import ring_add
 from cmi_jax.synthesis.cmi import SynthesisConfig, init_state, synthesis_round
 from cmi_jax.teacher import Teacher
 
-RESULTS = os.path.join(os.path.dirname(__file__), 'results')
 
 
 def _median_time(fn, *args, repeats: int) -> float:
@@ -127,16 +125,12 @@ def main():
           f"temp {row['round_temp_bytes'] / 2**20 if row['round_temp_bytes'] else float('nan'):.0f} MiB",
           flush=True)
   result = {
-      'benchmark': 'synthesis_speed', 'backend': jax.default_backend(),
-      'devices': [str(d) for d in jax.devices()], 'cpu_count': os.cpu_count(),
-      'machine': platform.machine(), 'jax': jax.__version__,
+      'benchmark': 'synthesis_speed', **machine_info(),
       'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
       'teacher': 'wrn_16_2', 'student': 'wrn_16_1', 'rows': rows,
   }
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, 'w', encoding='utf-8') as f:
-    json.dump(result, f, indent=2)
-  print(f'peak RSS {result["peak_rss_mib"]:.0f} MiB; wrote {args.out}')
+  print(f'peak RSS {result["peak_rss_mib"]:.0f} MiB')
+  write_result(args.out, result)
 
 
 if __name__ == '__main__':
