@@ -85,7 +85,7 @@ def worker(n: int, per_device: int, s: dict) -> dict:
       pool=ring_add(state.pool, {
           'images': jax.random.randint(key, (cfg.pool_size,) + shape, 0, 256).astype(jnp.uint8),
           'targets': jnp.zeros((cfg.pool_size,), jnp.int32)}))
-  teacher, student, state = parallel.replicate(mesh, jax.device_get((teacher, student, state)))
+  teacher, student, state = parallel.replicate(mesh, (teacher, student, state))
 
   t = time.perf_counter()
   round_fn = steps.round.lower(teacher, student, state, key).compile()
@@ -102,8 +102,7 @@ def worker(n: int, per_device: int, s: dict) -> dict:
   round_s = _median_time(one_round, s['repeats'])
 
   tx = sgd(0.1, 0.9, 1e-4)
-  kd_state = parallel.replicate(mesh, jax.device_get(
-      create_classifier_state(s_mod, key, (1,) + shape, tx)))
+  kd_state = parallel.replicate(mesh, create_classifier_state(s_mod, key, (1,) + shape, tx))
   pool = holder['state'].pool
   t = time.perf_counter()
   kd_fn = steps.kd.lower(kd_state, teacher, pool, key, s['kd_steps']).compile()

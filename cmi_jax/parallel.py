@@ -67,8 +67,13 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def replicate(mesh: Mesh, tree: Any) -> Any:
-  """Places every array of `tree` on all devices of the mesh."""
-  return jax.device_put(tree, replicated(mesh))
+  """Places every array of `tree` on all devices of the mesh.
+
+  Goes through host values, so arrays committed to one local device (a restored
+  teacher, another mesh's outputs) are accepted; on a multi-host mesh every
+  process must pass identical values.
+  """
+  return jax.device_put(jax.device_get(tree), replicated(mesh))
 
 
 def shard_batch(mesh: Mesh, tree: Any) -> Any:
@@ -177,7 +182,9 @@ def evaluate_on_hosts(eval_fn: Callable, variables: Any, images: np.ndarray,
   if local:
     ev = distill.evaluate(eval_fn, variables, images[sl], labels[sl], batch_size)
     totals[:] = (ev['accuracy'] * local / 100.0, ev['loss'] * local, local)
-  correct, ce, count = host_sum(totals)
+  # Python floats: the multi-host gather returns numpy (float32) scalars, which
+  # JSON (metrics, checkpoint meta) does not take.
+  correct, ce, count = (float(v) for v in host_sum(totals))
   return {'accuracy': 100.0 * correct / count, 'loss': ce / count}
 
 

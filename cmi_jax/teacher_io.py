@@ -13,6 +13,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import flax
 import flax.linen as nn
+import jax
 import orbax.checkpoint as ocp
 
 from cmi_jax import convert, models
@@ -80,8 +81,13 @@ def _load_dir(path: pathlib.Path) -> Tuple[nn.Module, Dict[str, Any], Dict[str, 
   info = {'arch': card['arch'], 'num_classes': int(card['num_classes']),
           'input_shape': tuple(card['input_shape']), 'meta': card.get('meta', {})}
   module = models.get(info['arch'], info['num_classes'])
-  # Restore into the exact abstract tree so shapes and dtypes come back right.
-  abstract = convert.abstract_variables(module, info['input_shape'])
+  # Restore into the exact abstract tree so shapes and dtypes come back right,
+  # onto this process's first device: the saved sharding names the saver's
+  # device, which another host of a multi-host run does not have.
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local),
+      convert.abstract_variables(module, info['input_shape']))
   checkpointer = ocp.StandardCheckpointer()
   variables = checkpointer.restore(var_path, {c: abstract[c] for c in _COLLECTIONS})
   checkpointer.close()

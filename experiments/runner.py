@@ -178,7 +178,7 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
       synth.weights, adv=cfg.kd.pre_adv, oh=cfg.kd.pre_oh))
   parallel.check_divisible(mesh, **{'synthesis.batch_size': synth.batch_size,
                                    'kd.batch_size': cfg.kd.batch_size})
-  teacher = load_teacher(cfg, info, synth.compute_dtype)
+  teacher = parallel.replicate(mesh, load_teacher(cfg, info, synth.compute_dtype))
   student_module = models.get(cfg.student.arch, info.num_classes, dtype=synth.compute_dtype)
   test = load_test_split(cfg)
   plan = Plan(cfg.kd.pre_rounds, cfg.kd.ep_steps // cfg.kd.kd_steps, cfg.kd.epochs,

@@ -1,8 +1,24 @@
 """Shared test helpers (imported by test modules; not a test module itself)."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def subprocess_env(cache_dir, **extra):
+  """The test process's environment for a `python -m experiments...` subprocess:
+  the repository on PYTHONPATH and the session's persistent compilation cache
+  with XLA's slow optimizations off (as the `compilation_cache` fixture sets)."""
+  env = dict(os.environ)
+  env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', JAX_DISABLE_MOST_OPTIMIZATIONS='1',
+             JAX_THREEFRY_PARTITIONABLE='1', PYTHONPATH=ROOT, **extra)
+  return env
 
 
 def abstract_variables(module, shape, **kwargs):
@@ -27,3 +43,21 @@ def random_variables(module, shape, seed=0):
     return jnp.asarray(v, x.dtype)
   return {k: jax.tree_util.tree_map_with_path(draw, abstract[k])
           for k in ('params', 'batch_stats')}
+
+
+def load_checkpoint(workdir, step=None):
+  """(state as nested dicts of numpy arrays, meta) of a run's checkpoint (default:
+  the latest), read with orbax alone (independent of the runner's code) onto this
+  process's first device, whatever devices or processes saved it."""
+  mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')),
+                               item_handlers={'state': ocp.StandardCheckpointHandler(),
+                                              'meta': ocp.JsonCheckpointHandler()})
+  step = mngr.latest_step() if step is None else step
+  local = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local),
+      mngr.item_metadata(step)['state'])
+  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                   meta=ocp.args.JsonRestore()))
+  mngr.close()
+  return jax.tree_util.tree_map(np.asarray, out['state']), out['meta']

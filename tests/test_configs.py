@@ -18,8 +18,8 @@ import pytest
 from cmi_jax import data, distill, models, report
 from configs import cifar10, cifar100, common, fashion_mnist
 from experiments import runner
+from tests.helpers import ROOT, subprocess_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = {
     'resnet34-resnet18': ('resnet34', 'resnet18'),
     'vgg11-resnet18': ('vgg11', 'resnet18'),
@@ -121,15 +121,6 @@ def test_locked_config_rejects_unknown_fields(module, arg):
 
 # ---------------------------------------------------------------- command line
 
-def _env(cache_dir):
-  """The test process's devices and compilation settings, for a subprocess."""
-  env = dict(os.environ)
-  env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', JAX_DISABLE_MOST_OPTIMIZATIONS='1',
-             JAX_THREEFRY_PARTITIONABLE='1', PYTHONPATH=ROOT)
-  return env
-
-
 def test_command_line_typo_fails_before_running(tmp_path):
   proc = subprocess.run(
       [sys.executable, '-m', 'experiments.run', '--config=configs/fashion_mnist.py:quick',
@@ -150,7 +141,7 @@ def test_command_line_overrides(tmp_path, cache_dir):
        '--config.teacher.checkpoint=random', '--config.kd.epochs=1',
        '--config.synthesis.pool_size=24', '--config.synthesis.bank_size=24',
        f'--workdir={workdir}'],
-      cwd=ROOT, env=_env(cache_dir), capture_output=True, text=True, timeout=600)
+      cwd=ROOT, env=subprocess_env(cache_dir), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'Done in' in proc.stdout
   with open(workdir / 'config.json') as f:

@@ -72,7 +72,7 @@ def _mesh_round(cfg, n, teacher, student, state, rng):
   mesh = parallel.make_mesh(n)
   steps = parallel.compile_plan(mesh, cfg, cfg, KD_CFG, fresh=False)
   # From host copies: the round donates its state argument.
-  args = parallel.replicate(mesh, jax.device_get((teacher, student, state)))
+  args = parallel.replicate(mesh, (teacher, student, state))
   compiled = steps.round.lower(*args, rng).compile()
   new_state, out = compiled(*args, rng)
   return jax.device_get((new_state, out)), out, compiled.as_text()
@@ -100,7 +100,7 @@ def kd_setup(nets):
 def _mesh_kd(n, state, teacher, pool, rng):
   mesh = parallel.make_mesh(n)
   steps = parallel.compile_plan(mesh, CFG, CFG, KD_CFG, fresh=False)
-  args = parallel.replicate(mesh, jax.device_get((state, teacher, pool)))
+  args = parallel.replicate(mesh, (state, teacher, pool))
   return jax.device_get(steps.kd(*args, rng, KD_STEPS))
 
 
@@ -267,7 +267,7 @@ def bf16_round(synth_state):
   cfg = dataclasses.replace(CFG, dtype='bfloat16')
   mesh = parallel.make_mesh(4)
   steps = parallel.compile_plan(mesh, cfg, cfg, KD_CFG, fresh=False)
-  args = parallel.replicate(mesh, jax.device_get((teacher, student, synth_state)))
+  args = parallel.replicate(mesh, (teacher, student, synth_state))
   return jax.device_get(steps.round(*args, jax.random.key(4)))
 
 
@@ -339,7 +339,7 @@ def test_gan_round_same_on_1_and_4_devices(nets):
   for n in (1, 4):
     mesh = parallel.make_mesh(n)
     steps = parallel.compile_plan(mesh, cfg, cfg, KD_CFG, fresh=True)
-    args = parallel.replicate(mesh, jax.device_get((teacher, student, gen0)))
+    args = parallel.replicate(mesh, (teacher, student, gen0))
     res[n] = jax.device_get(steps.gan_round(*args, jax.random.key(9)))
   (g1, m1), (g4, m4) = res[1], res[4]
   for k, v in m1.items():

@@ -18,13 +18,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
 from cmi_jax import data, models, report
 from configs import fashion_mnist
 from experiments import runner
+from tests.helpers import load_checkpoint
 
 B = 8                    # synthesis batch of the quick config
 CAPACITY = 24            # pool and bank: full after 3 rounds of B, wrapping at round 4
@@ -75,17 +75,6 @@ def rows_of(workdir):
 
 def checkpoint_steps(workdir):
   return sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
-
-
-def load_checkpoint(workdir, step=None):
-  """(state as nested dicts of numpy arrays, meta) of a run's checkpoint, read
-  without a target: independent of the runner's code."""
-  mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')))
-  step = mngr.latest_step() if step is None else step
-  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                   meta=ocp.args.JsonRestore()))
-  mngr.close()
-  return jax.tree_util.tree_map(np.asarray, out['state']), out['meta']
 
 
 def assert_trees_equal(a, b):
