@@ -62,6 +62,7 @@ def worker(n: int, per_device: int, s: dict) -> dict:
   from cmi_jax.synthesis import cmi  # pylint: disable=g-import-not-at-top
   from cmi_jax.synthesis.bank import ring_add  # pylint: disable=g-import-not-at-top
   from cmi_jax.teacher import Teacher  # pylint: disable=g-import-not-at-top
+  from experiments import plan  # pylint: disable=g-import-not-at-top
 
   mesh = parallel.make_mesh(n)
   shape, c = tuple(s['image_shape']), s['image_shape'][2]
@@ -75,7 +76,7 @@ def worker(n: int, per_device: int, s: dict) -> dict:
       g_steps=s['g_steps'], n_neg=s['n_neg'], bank_size=s['bank_size'],
       pool_size=max(4 * b, 256), nz=s['nz'], ngf=s['ngf'], global_padding=shape[0] // 8).validate()
   kd_cfg = distill.KDConfig(batch_size=b, crop_padding=shape[0] // 8, mean=cfg.mean, std=cfg.std)
-  steps = parallel.compile_plan(mesh, cfg, cfg, kd_cfg, fresh=False)
+  steps = plan.compile_plan(mesh, cfg, cfg, kd_cfg, fresh=False)
 
   state = cmi.init_state(cfg, teacher, key)
   # A full bank (all n_neg negatives drawn) and pool, as in a long run.

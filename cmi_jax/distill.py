@@ -13,9 +13,9 @@ import numpy as np
 import optax
 
 from cmi_jax import augment
+from cmi_jax.parallel import constrain
 from cmi_jax.state import ClassifierState
 from cmi_jax.synthesis.bank import RingBuffer, ring_sample
-from cmi_jax.synthesis.cmi import constrain
 from cmi_jax.synthesis.gan import FreshSource
 from cmi_jax.synthesis.gan import sample as gan_sample
 from cmi_jax.synthesis.losses import kl_per_sample

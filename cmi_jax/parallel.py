@@ -1,11 +1,16 @@
-"""Devices: the mesh, shardings, the jitted steps of a run, multi-host helpers,
-and a thin pmap shim for the KD step.
+"""Devices: the mesh, shardings, `constrain`, multi-host helpers, and a thin
+pmap shim for the KD step.
+
+This is the bottom layer: it knows no synthesis method. Every method and the KD
+steps call `constrain` on their batch-sized arrays; the run's compiled step
+plan (which method's round to jit, with which shardings) lives with the runner
+(`experiments/plan.py`).
 
 Main path: mesh-jit. One `jax.sharding.Mesh` over all devices with a single
 'data' axis. Params, optimizer states, the teacher, the memory bank and the
 image pool are replicated (P()); every batch-sized array inside a step (the
 latent z, the rendered images and both views, the teacher/student activations,
-the KD batch) is constrained to P('data') (`cmi.constrain`), so XLA splits the
+the KD batch) is constrained to P('data') (`constrain`), so XLA splits the
 work by samples while every reduction (BN statistics, generator BN in train
 mode, losses, contrastive logits against all positives and negatives, the
 lowest-loss choice) stays over the global batch: the math does not depend on
@@ -35,8 +40,6 @@ Multi-host: `maybe_initialize_distributed` (called once by experiments/run.py),
 a sharded array on every host, and `is_main_process` for who writes.
 """
 
-import dataclasses
-import functools
 import os
 from typing import Any, Callable, Dict, Optional
 
@@ -90,6 +93,27 @@ def check_divisible(mesh: Mesh, **batches: int) -> None:
     if size % n:
       raise ValueError(f'{name}={size} does not divide over {n} devices; use a multiple of '
                        f'{n} (e.g. {max(n, size - size % n)}) or set mesh.num_devices.')
+
+
+def constrain(x: jax.Array, sharding: Optional[Any]) -> jax.Array:
+  """Splits a batch-sized array along the mesh's data axis (no-op without a mesh).
+
+  Raises ValueError when the leading axis does not divide over the devices
+  (XLA would otherwise pad it or silently replicate the array).
+  """
+  if sharding is None:
+    return x
+  spec = getattr(sharding, 'spec', None)
+  if spec and spec[0] is not None:
+    axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    n = 1
+    for a in axes:
+      n *= sharding.mesh.shape[a]
+    if x.shape[0] % n:
+      raise ValueError(f'a batch of {x.shape[0]} (array {tuple(x.shape)}) does not divide over '
+                       f'the {n} devices of mesh axis {spec[0]!r}; use a batch size that is a '
+                       f'multiple of {n} (parallel.check_divisible) or fewer devices.')
+  return jax.lax.with_sharding_constraint(x, sharding)
 
 
 # ---------------------------------------------------------------- multi-host
@@ -186,42 +210,6 @@ def evaluate_on_hosts(eval_fn: Callable, variables: Any, images: np.ndarray,
   # JSON (metrics, checkpoint meta) does not take.
   correct, ce, count = (float(v) for v in host_sum(totals))
   return {'accuracy': 100.0 * correct / count, 'loss': ce / count}
-
-
-# ---------------------------------------------------------------- mesh-jit steps
-
-@dataclasses.dataclass
-class Steps:
-  """The run's jitted steps, bound to a mesh and static configs."""
-  round: Optional[Callable] = None
-  pre_round: Optional[Callable] = None
-  gan_round: Optional[Callable] = None
-  kd: Optional[Callable] = None
-
-
-def compile_plan(mesh: Mesh, synth, pre_synth, kd_cfg, fresh: bool) -> Steps:
-  """jit-wraps the synthesis round (or GAN generator steps) and the KD chunk for
-  `mesh`: inputs replicated, state donated, batch arrays split along 'data'.
-
-  Raises ValueError when a batch size does not divide over the devices (the
-  steps also check it when traced: `cmi.constrain`).
-  """
-  from cmi_jax import distill  # pylint: disable=g-import-not-at-top
-  from cmi_jax.synthesis import cmi, gan  # pylint: disable=g-import-not-at-top
-  check_divisible(mesh, synthesis_batch=synth.batch_size, kd_batch=kd_cfg.batch_size)
-  rep, shard = replicated(mesh), batch_sharded(mesh)
-  steps = Steps()
-  if fresh:
-    steps.gan_round = jax.jit(functools.partial(gan.gan_round, synth, data_sharding=shard),
-                              donate_argnums=(2,), out_shardings=rep)
-  else:
-    for name, cfg in (('round', synth), ('pre_round', pre_synth)):
-      fn = functools.partial(cmi.synthesis_round, cfg, data_sharding=shard)
-      setattr(steps, name, jax.jit(fn, donate_argnums=(2,),
-                                   out_shardings=(rep, cmi.RoundOutput(shard, shard, rep))))
-  steps.kd = jax.jit(functools.partial(distill.kd_steps, kd_cfg, data_sharding=shard),
-                     static_argnums=(4,), donate_argnums=(0,), out_shardings=rep)
-  return steps
 
 
 # ---------------------------------------------------------------- pmap shim

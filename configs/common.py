@@ -56,7 +56,8 @@ def base_config(dataset: str, method: str = 'cmi'):
       n_neg=4096, head_kind='mlp', head_dim=256, bank_size=40960, pool_size=51200,
       synthesizer='generator', generator='cmi', reinit=True, nz=256, ngf=64, views='cmi',
       global_padding=-1,  # -1: the dataset's standard crop padding (4 for CIFAR)
-      local_scale=(0.25, 1.0), jitter=-1, dtype='float32'))  # jitter -1: size // 8
+      local_scale=(0.25, 1.0), jitter=-1, dtype='float32',  # jitter -1: size // 8
+      algorithm='cmi'))  # the round function (cmi_jax/synthesis/algorithms.py)
   # Student: SGD, cosine stepped per epoch; each epoch runs ep_steps // kd_steps rounds of
   # (one synthesis call, kd_steps student steps). pre_rounds: synthesis-only rounds first
   # (two-stage recipe) with weights adv=pre_adv, oh=pre_oh.

@@ -17,9 +17,10 @@ from tqdm import tqdm
 from cmi_jax import data, distill, models, parallel, report
 from cmi_jax.checkpoint import Checkpointer, abstract
 from cmi_jax.state import cosine_per_epoch, create_classifier_state, rng_stream, sgd
-from cmi_jax.synthesis import cmi, gan, presets
+from cmi_jax.synthesis import algorithms, gan, presets
 from cmi_jax.synthesis.cmi import LossWeights, SynthesisConfig
 from cmi_jax.teacher import Teacher
+from experiments.plan import compile_plan
 
 
 # ---------------------------------------------------------------- validation
@@ -197,7 +198,8 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
   if fresh:
     state['generator'] = gan.init_generator_state(synth, rng_stream(root, 'generator'))
   else:
-    state['synth'] = cmi.init_state(synth, teacher, rng_stream(root, 'head'))
+    state['synth'] = algorithms.get(synth.algorithm).init_state(synth, teacher,
+                                                                 rng_stream(root, 'head'))
   state = parallel.replicate(mesh, state)
 
   # Resume order: the workdir's latest checkpoint, else a fresh start.
@@ -211,7 +213,7 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
   writer.truncate_after(meta['round'])  # rows a crashed run wrote after its last checkpoint
   writer.write_json('config.json', cfg.to_dict())
 
-  fns = parallel.compile_plan(mesh, synth, pre_synth, kd_cfg, fresh)
+  fns = compile_plan(mesh, synth, pre_synth, kd_cfg, fresh)
   eval_fn = distill.make_eval_fn(student_module.apply, info.mean, info.std)
   if test is not None and meta['teacher_accuracy'] is None:
     meta['teacher_accuracy'] = parallel.evaluate_on_hosts(

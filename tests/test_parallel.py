@@ -22,6 +22,7 @@ from cmi_jax.synthesis import cmi, gan
 from cmi_jax.synthesis.bank import ring_add, ring_sample
 from cmi_jax.synthesis.cmi import LossWeights, SynthesisConfig
 from cmi_jax.teacher import Teacher
+from experiments import plan
 
 NUM_CLASSES = 4
 B = 8
@@ -70,7 +71,7 @@ def synth_state(nets):
 def _mesh_round(cfg, n, teacher, student, state, rng):
   """One round jitted as parallel.compile_plan does, on an n-device mesh."""
   mesh = parallel.make_mesh(n)
-  steps = parallel.compile_plan(mesh, cfg, cfg, KD_CFG, fresh=False)
+  steps = plan.compile_plan(mesh, cfg, cfg, KD_CFG, fresh=False)
   # From host copies: the round donates its state argument.
   args = parallel.replicate(mesh, (teacher, student, state))
   compiled = steps.round.lower(*args, rng).compile()
@@ -99,7 +100,7 @@ def kd_setup(nets):
 
 def _mesh_kd(n, state, teacher, pool, rng):
   mesh = parallel.make_mesh(n)
-  steps = parallel.compile_plan(mesh, CFG, CFG, KD_CFG, fresh=False)
+  steps = plan.compile_plan(mesh, CFG, CFG, KD_CFG, fresh=False)
   args = parallel.replicate(mesh, (state, teacher, pool))
   return jax.device_get(steps.kd(*args, rng, KD_STEPS))
 
@@ -210,9 +211,9 @@ def test_indivisible_batch_is_a_clear_error(nets, synth_state, kd_setup):
   mesh = parallel.make_mesh(4)
   cfg6 = dataclasses.replace(CFG, batch_size=6)
   with pytest.raises(ValueError, match='synthesis_batch=6 does not divide over 4 devices'):
-    parallel.compile_plan(mesh, cfg6, cfg6, KD_CFG, fresh=False)
+    plan.compile_plan(mesh, cfg6, cfg6, KD_CFG, fresh=False)
   with pytest.raises(ValueError, match='kd_batch=6 does not divide over 4 devices'):
-    parallel.compile_plan(mesh, CFG, CFG, dataclasses.replace(KD_CFG, batch_size=6), False)
+    plan.compile_plan(mesh, CFG, CFG, dataclasses.replace(KD_CFG, batch_size=6), False)
   shard = parallel.batch_sharded(mesh)
   # Called directly (not through compile_plan), the steps fail when traced.
   with pytest.raises(ValueError, match=r'batch of 6 .* does not divide over the 4 devices'):
@@ -266,7 +267,7 @@ def bf16_round(synth_state):
   teacher, student = _nets(jnp.bfloat16)
   cfg = dataclasses.replace(CFG, dtype='bfloat16')
   mesh = parallel.make_mesh(4)
-  steps = parallel.compile_plan(mesh, cfg, cfg, KD_CFG, fresh=False)
+  steps = plan.compile_plan(mesh, cfg, cfg, KD_CFG, fresh=False)
   args = parallel.replicate(mesh, (teacher, student, synth_state))
   return jax.device_get(steps.round(*args, jax.random.key(4)))
 
@@ -338,7 +339,7 @@ def test_gan_round_same_on_1_and_4_devices(nets):
   res = {}
   for n in (1, 4):
     mesh = parallel.make_mesh(n)
-    steps = parallel.compile_plan(mesh, cfg, cfg, KD_CFG, fresh=True)
+    steps = plan.compile_plan(mesh, cfg, cfg, KD_CFG, fresh=True)
     args = parallel.replicate(mesh, (teacher, student, gen0))
     res[n] = jax.device_get(steps.gan_round(*args, jax.random.key(9)))
   (g1, m1), (g4, m4) = res[1], res[4]

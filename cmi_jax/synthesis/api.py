@@ -20,8 +20,8 @@ import numpy as np
 from cmi_jax import data
 from cmi_jax.synthesis import presets
 from cmi_jax.state import rng_stream
-from cmi_jax.synthesis.cmi import (LossWeights, SynthesisConfig, SynthState, init_state,
-                                   synthesis_round, to_uint8)
+from cmi_jax.synthesis import algorithms
+from cmi_jax.synthesis.cmi import LossWeights, SynthesisConfig, SynthState, to_uint8
 from cmi_jax.teacher import Teacher
 
 
@@ -34,9 +34,9 @@ class SynthesisResult(NamedTuple):
 
 
 @functools.lru_cache(maxsize=None)
-def jitted_round():
-  """The round, jitted once per process (cfg static, state donated)."""
-  return jax.jit(synthesis_round, static_argnums=(0,), donate_argnums=(3,))
+def jitted_round(algorithm: str = 'cmi'):
+  """`algorithm`'s round, jitted once per process (cfg static, state donated)."""
+  return jax.jit(algorithms.get(algorithm).round, static_argnums=(0,), donate_argnums=(3,))
 
 
 def as_teacher(teacher: Any) -> Tuple[Teacher, Dict[str, Any]]:
@@ -113,8 +113,8 @@ def synthesize(teacher: Any, *, student: Any = None, rounds: int = 1,
   config.validate()
   key = jax.random.key(rng) if isinstance(rng, int) else rng
   if state is None:
-    state = init_state(config, t, rng_stream(key, 'head'))
-  round_fn = jitted_round()
+    state = algorithms.get(config.algorithm).init_state(config, t, rng_stream(key, 'head'))
+  round_fn = jitted_round(config.algorithm)
   images, labels, metrics = [], [], []
   start = int(state.round)
   for r in range(rounds):

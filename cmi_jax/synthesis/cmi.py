@@ -24,6 +24,7 @@ from flax import struct
 from flax.training import train_state
 
 from cmi_jax import augment
+from cmi_jax.parallel import constrain
 from cmi_jax.models import Generator, Head
 from cmi_jax.synthesis import losses
 from cmi_jax.synthesis.bank import RingBuffer, ring_add, ring_init, ring_sample_distinct
@@ -79,10 +80,14 @@ class SynthesisConfig:
   local_scale: Tuple[float, float] = (0.25, 1.0)
   jitter: int = -1            # max roll (px) of the 'jitter' views; -1: image size // 8
   dtype: str = 'float32'
+  # Which round function runs this config (cmi_jax.synthesis.algorithms.ALGORITHMS):
+  # 'cmi' (CMI and the presets of the unified loss), further methods by name.
+  algorithm: str = 'cmi'
 
   def validate(self) -> 'SynthesisConfig':
     """Raises ValueError naming the first bad field and its allowed values."""
     checks = [
+        ('algorithm', self.algorithm in _algorithm_names(), f'one of {_algorithm_names()}'),
         ('synthesizer', self.synthesizer in SYNTHESIZERS, f'one of {SYNTHESIZERS}'),
         ('generator', self.generator in GENERATORS, f'one of {GENERATORS}'),
         ('views', self.views in VIEWS, f'one of {VIEWS}'),
@@ -119,6 +124,11 @@ class SynthesisConfig:
 
   def make_head(self) -> Head:
     return Head(kind=self.head_kind, head_dim=self.head_dim)
+
+
+def _algorithm_names() -> Tuple[str, ...]:
+  from cmi_jax.synthesis.algorithms import ALGORITHMS  # pylint: disable=g-import-not-at-top
+  return tuple(sorted(ALGORITHMS))
 
 
 class SynthState(struct.PyTreeNode):
@@ -257,27 +267,6 @@ def _clip_pixels(cfg: SynthesisConfig, trainables):
   mean = jnp.asarray(cfg.mean, jnp.float32)
   std = jnp.asarray(cfg.std, jnp.float32)
   return {'pixels': jnp.clip(trainables['pixels'], -mean / std, (1.0 - mean) / std)}
-
-
-def constrain(x: jax.Array, sharding: Optional[Any]) -> jax.Array:
-  """Splits a batch-sized array along the mesh's data axis (no-op without a mesh).
-
-  Raises ValueError when the leading axis does not divide over the devices
-  (XLA would otherwise pad it or silently replicate the array).
-  """
-  if sharding is None:
-    return x
-  spec = getattr(sharding, 'spec', None)
-  if spec and spec[0] is not None:
-    axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
-    n = 1
-    for a in axes:
-      n *= sharding.mesh.shape[a]
-    if x.shape[0] % n:
-      raise ValueError(f'a batch of {x.shape[0]} (array {tuple(x.shape)}) does not divide over '
-                       f'the {n} devices of mesh axis {spec[0]!r}; use a batch size that is a '
-                       f'multiple of {n} (parallel.check_divisible) or fewer devices.')
-  return jax.lax.with_sharding_constraint(x, sharding)
 
 
 def synthesis_round(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Teacher],

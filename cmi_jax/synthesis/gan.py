@@ -16,7 +16,8 @@ from flax import struct
 
 from cmi_jax import augment
 from cmi_jax.state import ClassifierState
-from cmi_jax.synthesis.cmi import SynthesisConfig, constrain, inversion_terms, weighted_sum
+from cmi_jax.parallel import constrain
+from cmi_jax.synthesis.cmi import SynthesisConfig, inversion_terms, weighted_sum
 from cmi_jax.teacher import Teacher
 
 

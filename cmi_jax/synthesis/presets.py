@@ -24,7 +24,8 @@ import dataclasses
 from typing import Any, Dict
 
 GAN_COMMON = {
-    'synthesis': {'synthesizer': 'generator', 'generator': 'large', 'reinit': False,
+    'synthesis': {'algorithm': 'cmi', 'synthesizer': 'generator', 'generator': 'large',
+                  'reinit': False,
                   'g_steps': 1, 'oh_kind': 'argmax', 'adv_kind': 'kl', 'adv_temperature': 1.0,
                   'lr_g': 1e-3, 'betas': (0.5, 0.999), 'nz': 256,
                   'weights': {'cr': 0.0, 'tv': 0.0}},
@@ -41,15 +42,15 @@ def _merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     'cmi': {
-        'synthesis': {'synthesizer': 'generator', 'generator': 'cmi', 'reinit': True,
-                      'views': 'cmi', 'adv_kind': 'masked_kl', 'adv_temperature': 1.0,
+        'synthesis': {'algorithm': 'cmi', 'synthesizer': 'generator', 'generator': 'cmi',
+                      'reinit': True, 'views': 'cmi', 'adv_kind': 'masked_kl', 'adv_temperature': 1.0,
                       'oh_kind': 'targets', 'head_kind': 'mlp',
                       'weights': {'bn': 1.0, 'oh': 1.0, 'adv': 0.5, 'cr': 0.8,
                                   'balance': 0.0, 'act': 0.0, 'tv': 0.0}},
         'kd': {'mode': 'pool', 'loss': 'kl'},
     },
     'deepinv': {
-        'synthesis': {'synthesizer': 'pixels', 'views': 'jitter', 'g_steps': 1000, 'lr_g': 0.1,
+        'synthesis': {'algorithm': 'cmi', 'synthesizer': 'pixels', 'views': 'jitter', 'g_steps': 1000, 'lr_g': 0.1,
                       'betas': (0.5, 0.99), 'adv_kind': 'js', 'adv_temperature': 3.0,
                       'oh_kind': 'targets',
                       'weights': {'bn': 10.0, 'oh': 1.0, 'adv': 1.0, 'cr': 0.0,
