@@ -5,7 +5,7 @@ term L_cr (Eq. 7) and the baselines' extra priors (class balance, activation,
 total variation). Each mirrors the reference code (reference-facts section 2/5).
 """
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,62 @@ def bn_loss(taps: Sequence[BNTap], rows: Optional[int] = None) -> jax.Array:
     mu, var = subset_batch_stats(tap, rows)
     total = total + jnp.linalg.norm(mu - tap.running_mean) + jnp.linalg.norm(var - tap.running_var)
   return total
+
+
+class BNEma(NamedTuple):
+  """EMA of the teacher's per-layer BN-input batch statistics, carried across
+  rounds (FastDFKD's momentum BN term; NAYER reuses it).
+
+  mean, var: one [C] float32 array per BN layer, forward order.
+  valid: float32 scalar, 0 before the first round has written the EMA.
+  """
+  mean: Tuple[jax.Array, ...]
+  var: Tuple[jax.Array, ...]
+  valid: jax.Array
+
+
+def bn_ema_init(taps_spec: Sequence[BNTap]) -> BNEma:
+  """An empty EMA shaped like the teacher's BN layers (e.g. from jax.eval_shape)."""
+  zeros = tuple(jnp.zeros(t.running_mean.shape, jnp.float32) for t in taps_spec)
+  return BNEma(zeros, zeros, jnp.zeros((), jnp.float32))
+
+
+def batch_bn_stats(taps: Sequence[BNTap], rows: Optional[int] = None
+                   ) -> Tuple[Tuple[jax.Array, ...], Tuple[jax.Array, ...]]:
+  """Per-layer batch mean and biased variance of the BN inputs (first `rows` rows)."""
+  stats = [subset_batch_stats(t, rows) for t in taps]
+  return tuple(m for m, _ in stats), tuple(v for _, v in stats)
+
+
+def momentum_bn_loss(taps: Sequence[BNTap], ema: BNEma, momentum: float,
+                     rows: Optional[int] = None) -> jax.Array:
+  """Momentum L_bn (FastDFKD, `hooks.py` InstanceMeanHook with mmt):
+
+    sum_l ||var_run - ((1-m) var_b + m var_ema)||_2 + ||mu_run - ((1-m) mu_b + m mu_ema)||_2
+
+  with m = momentum while the EMA holds statistics (ema.valid = 1) and m = 0
+  before (the plain `bn_loss`). The EMA is a constant here (no gradient).
+  """
+  m = momentum * ema.valid
+  total = jnp.zeros((), jnp.float32)
+  for tap, e_mu, e_var in zip(taps, ema.mean, ema.var):
+    mu, var = subset_batch_stats(tap, rows)
+    mu_mix = (1.0 - m) * mu + m * jax.lax.stop_gradient(e_mu)
+    var_mix = (1.0 - m) * var + m * jax.lax.stop_gradient(e_var)
+    total = total + jnp.linalg.norm(var_mix - tap.running_var) + \
+        jnp.linalg.norm(mu_mix - tap.running_mean)
+  return total
+
+
+def bn_ema_update(ema: BNEma, taps: Sequence[BNTap], momentum: float,
+                  rows: Optional[int] = None) -> BNEma:
+  """ema <- m * ema + (1 - m) * batch statistics; the first update copies them."""
+  mus, vars_ = batch_bn_stats(taps, rows)
+  m = momentum * ema.valid
+  mix = lambda old, new: jax.lax.stop_gradient(m * old + (1.0 - m) * new)
+  return BNEma(tuple(mix(o, n) for o, n in zip(ema.mean, mus)),
+               tuple(mix(o, n) for o, n in zip(ema.var, vars_)),
+               jnp.ones((), jnp.float32))
 
 
 def oh_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
