@@ -2,8 +2,9 @@
 
 Backends:
   * 'files': IDX .gz files (MNIST / Fashion-MNIST; found automatically where
-    Debian's `dataset-fashion-mnist` puts them) and the CIFAR-10/100 python
-    pickle batches from a folder;
+    Debian's `dataset-fashion-mnist` puts them, and for Fashion-MNIST's test
+    split in the copy shipped inside the package, cmi_jax/datasets/) and the
+    CIFAR-10/100 python pickle batches from a folder;
   * 'tfds': tensorflow-datasets (optional `[tfds]` extra), never downloading:
     with download off it fails in well under a second when data are absent.
 
@@ -34,6 +35,11 @@ class DatasetInfo:
   default_dirs: Tuple[str, ...] = ()
   install_hint: str = ''
   tfds_name: str = ''
+  shipped_splits: Tuple[str, ...] = ()  # splits in SHIPPED_DIR/<name>, tried after default_dirs
+
+
+# Data shipped inside the package (package_data), so a non-editable install has it too.
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'datasets')
 
 
 DATASETS: Dict[str, DatasetInfo] = {
@@ -41,7 +47,7 @@ DATASETS: Dict[str, DatasetInfo] = {
         'fashion_mnist', (28, 28, 1), 10, (0.2860,), (0.3530,), 2, True,
         default_dirs=('/usr/share/datasets/fashion-mnist',),
         install_hint='apt-get update && apt-get install -y dataset-fashion-mnist',
-        tfds_name='fashion_mnist'),
+        tfds_name='fashion_mnist', shipped_splits=('test',)),
     'mnist': DatasetInfo(
         'mnist', (28, 28, 1), 10, (0.1307,), (0.3081,), 2, False,
         default_dirs=('/usr/share/datasets/mnist',), tfds_name='mnist'),
@@ -217,7 +223,8 @@ def load(name: str, split: str, data_dir: Optional[str] = None,
     name: a key of DATASETS.
     split: 'train' or 'test'.
     data_dir: folder holding the files (config field data.dir); None tries the
-      dataset's default folders (Debian's package location for Fashion-MNIST).
+      dataset's default folders (Debian's package location for Fashion-MNIST),
+      then the copy shipped in the package (Fashion-MNIST's test split).
     backend: 'files' or 'tfds'.
   """
   info = get_info(name)
@@ -226,7 +233,7 @@ def load(name: str, split: str, data_dir: Optional[str] = None,
   if backend == 'tfds':
     out = load_tfds(info, split, data_dir)
   elif backend == 'files':
-    dirs = (data_dir,) if data_dir else info.default_dirs
+    dirs = (data_dir,) if data_dir else info.default_dirs + shipped_dirs(info, split)
     if not dirs:
       raise DataNotFoundError(
           f'No folder given for {name}: set data.dir (e.g. --config.data.dir=/path/to/{name}) '
@@ -255,6 +262,11 @@ def load(name: str, split: str, data_dir: Optional[str] = None,
     raise DataNotFoundError(f'{name} {split}: images have shape {out.images.shape[1:]}, '
                             f'expected {info.image_shape}.')
   return out
+
+
+def shipped_dirs(info: DatasetInfo, split: str) -> Tuple[str, ...]:
+  """The package's own copy of `split` of dataset `info` (a 1-tuple), or ()."""
+  return (os.path.join(SHIPPED_DIR, info.name),) if split in info.shipped_splits else ()
 
 
 def batch_indices(rng: np.random.Generator, n: int, batch_size: int,

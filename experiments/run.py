@@ -36,10 +36,23 @@ def main(argv):
   if 'stopped_at_round' in summary:
     return
   acc = summary.get('student_accuracy')
-  print(f'Done in {time.time() - t0:.0f} s: {cfg.method} {cfg.teacher.arch} -> '
-        f'{cfg.student.arch}, student accuracy '
-        f'{"n/a (no test data)" if acc is None else f"{acc:.2f}%"}; '
-        f'outputs in {os.path.abspath(workdir)}')
+  if acc is not None:
+    print(f'Student accuracy on the {cfg.data.name} test split: {acc:.2f}% '
+          f'(best epoch {summary["best_student_accuracy"]:.2f}%)')
+  print(summary_line(summary, time.time() - t0))
+
+
+def summary_line(summary, seconds: float) -> str:
+  """The run's one-line result: student and teacher accuracy, their ratio, and
+  where the image grids and plots are."""
+  def pct(v):
+    return 'n/a (no test data)' if v is None else f'{v:.2f}%'
+  ratio = summary.get('student_teacher_ratio')
+  return (f'Done in {seconds:.0f} s: {summary["method"]} student {summary["student"]} '
+          f'{pct(summary["student_accuracy"])}, teacher {summary["teacher"]} '
+          f'{pct(summary["teacher_accuracy"])}, ratio '
+          f'{"n/a" if ratio is None else f"{ratio:.4f}"}; image grids in '
+          f'{summary["images_dir"]}, plots {", ".join(summary["plots"])}')
 
 
 if __name__ == '__main__':

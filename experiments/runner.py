@@ -358,6 +358,10 @@ def _summary(cfg, plan, history, meta, workdir, seconds) -> Dict[str, Any]:
       'epochs': plan.epochs, 'rounds': plan.total_rounds, 'history': history,
       'seconds_this_session': seconds, 'workdir': os.path.abspath(workdir),
       'evaluation': 'on' if accs else 'off (no test data)',
+      'student_teacher_ratio': (accs[-1] / meta['teacher_accuracy']
+                                if accs and meta.get('teacher_accuracy') else None),
+      'images_dir': os.path.abspath(os.path.join(workdir, 'images')),
+      'plots': [os.path.abspath(os.path.join(workdir, n)) for n in ('accuracy.png', 'losses.png')],
   }
 
 
