@@ -99,6 +99,7 @@ def test_bilinear_matrix_equals_numpy(start, length, size_out, size_in):
   np.testing.assert_allclose(np.asarray(m).sum(axis=1), 1.0, rtol=1e-6)
 
 
+@pytest.mark.torch
 def test_bilinear_matches_torch_interpolate():
   torch = pytest.importorskip('torch')
   x = _images((1, 2, 9, 10))  # NCHW for torch
