@@ -36,17 +36,20 @@ def sgd(learning_rate: optax.ScalarOrSchedule, momentum: float, weight_decay: fl
                      optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))
 
 
-def cosine_per_epoch(base_lr: float, epochs: int, steps_per_epoch: int) -> optax.Schedule:
-  """Cosine annealing stepped once per epoch (the reference's CosineAnnealingLR(T_max=epochs)).
+def cosine_per_epoch(base_lr: float, epochs: int, steps_per_epoch: int,
+                     eta_min: float = 0.0) -> optax.Schedule:
+  """Cosine annealing stepped once per epoch (the reference's CosineAnnealingLR(T_max=epochs,
+  eta_min)).
 
-  lr(step) = base_lr * (1 + cos(pi * epoch / epochs)) / 2 with epoch = step // steps_per_epoch.
+  lr(step) = eta_min + (base_lr - eta_min) * (1 + cos(pi * epoch / epochs)) / 2 with
+  epoch = step // steps_per_epoch.
   """
   import jax.numpy as jnp
   steps_per_epoch = max(int(steps_per_epoch), 1)
 
   def schedule(step):
     epoch = jnp.minimum(step // steps_per_epoch, epochs)
-    return base_lr * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / epochs))
+    return eta_min + (base_lr - eta_min) * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / epochs))
   return schedule
 
 

@@ -57,19 +57,30 @@ def base_config(dataset: str, method: str = 'cmi'):
       synthesizer='generator', generator='cmi', reinit=True, nz=256, ngf=64, views='cmi',
       global_padding=-1,  # -1: the dataset's standard crop padding (4 for CIFAR)
       local_scale=(0.25, 1.0), jitter=-1, dtype='float32',  # jitter -1: size // 8
-      algorithm='cmi'))  # the round function (cmi_jax/synthesis/algorithms.py)
-  # Student: SGD, cosine stepped per epoch; each epoch runs ep_steps // kd_steps rounds of
-  # (one synthesis call, kd_steps student steps). pre_rounds: synthesis-only rounds first
-  # (two-stage recipe) with weights adv=pre_adv, oh=pre_oh.
+      algorithm='cmi',  # the round function (cmi_jax/synthesis/algorithms.py)
+      # FastDFKD (algorithm 'fast'; see SynthesisConfig): inner lr of z, meta-Adam lr
+      # (0: g_steps * lr_g), BN-EMA momentum, first round of L_adv (0-based, on device),
+      # round of the one-off reset_l0 (-1 never).
+      lr_z=0.01, lr_meta=0.0, bn_mmt=0.9, adv_start_round=0, reset_l0_round=-1,
+      # GAN baselines: True = the reference's early bug (teacher as the student in L_adv).
+      adv_against_teacher=False))
+  # Student: SGD, cosine stepped per epoch (down to lr_min); each epoch runs
+  # ep_steps // kd_steps rounds of (one synthesis call, kd_steps student steps).
+  # pre_rounds: synthesis-only rounds first (two-stage recipe, FastDFKD's warm-up) with
+  # weights adv=pre_adv, oh=pre_oh.
   c.kd = C(dict(
-      batch_size=128, kd_steps=400, ep_steps=400, epochs=200, lr=0.1, momentum=0.9,
+      batch_size=128, kd_steps=400, ep_steps=400, epochs=200, lr=0.1, lr_min=0.0, momentum=0.9,
       weight_decay=1e-4, temperature=20.0, loss='kl', mode='pool', augment=True,
       pre_rounds=0, pre_adv=0.0, pre_oh=1.0))
   # num_devices 0: all devices, along one 'data' axis. distributed: 'auto' initializes
   # jax.distributed when the environment asks (JAX_COORDINATOR_ADDRESS, CMI_JAX_DISTRIBUTED=1).
   c.mesh = C(dict(num_devices=0, distributed='auto'))
+  # Checkpoints are asynchronous (the round waits only for the host copy: under 5 % of a
+  # 3.9 s GPU round at CIFAR sizes, benchmarks/checkpoint_speed.py) and written every
+  # checkpoint_every_rounds rounds, at epoch ends when an epoch has at least that many
+  # rounds, at the end, and on SIGTERM/SIGINT (a clean stop; the same command resumes).
   c.log = C(dict(every_kd_steps=50, grid_every_rounds=1, grid_per_class=10,
-                 checkpoint_every_rounds=1, max_checkpoints=2,
+                 checkpoint_every_rounds=10, async_checkpoints=True, max_checkpoints=2,
                  stop_after_rounds=0))  # >0: checkpoint and exit after that many rounds
   presets.apply_to_config(c, method)
   return c
@@ -84,6 +95,16 @@ PAPER_ROWS = {
     'wrn40_2-wrn16_2': ('wrn_40_2', 'wrn_16_2'),
 }
 
+# FastDFKD's per-row loss weights (adv, oh) from `scripts/fast_cifar.sh`; the presets
+# carry the wrn40_2 rows' (successor-methods.md section 1.5).
+FAST_ROW_WEIGHTS = {
+    'resnet34-resnet18': (1.33, 0.5),
+    'vgg11-resnet18': (1.0, 0.5),
+    'wrn40_2-wrn16_1': (1.1, 0.4),
+    'wrn40_2-wrn40_1': (1.1, 0.4),
+    'wrn40_2-wrn16_2': (1.1, 0.4),
+}
+
 
 def make_dataset_config(dataset: str, arg=None):
   """CIFAR-10/100 config for one paper row, preset and optional quick variant."""
@@ -96,6 +117,9 @@ def make_dataset_config(dataset: str, arg=None):
   # The reference repo's layout for its pretrained teachers.
   c.teacher.checkpoint = f'checkpoints/pretrained/{dataset}_{teacher}.pth'
   c.data.dir = f'data/{dataset}'
+  if c.synthesis.algorithm == 'fast':  # the row's own FastDFKD weights, warm-up included
+    c.synthesis.weights.adv, c.synthesis.weights.oh = FAST_ROW_WEIGHTS[a['row']]
+    c.kd.pre_adv, c.kd.pre_oh = FAST_ROW_WEIGHTS[a['row']]
   if a['quick']:
     apply_quick(c)
   return c
@@ -112,3 +136,4 @@ def apply_quick(c) -> None:
   k.pre_rounds = min(k.pre_rounds, 1)
   c.data.eval_limit, c.data.eval_batch_size = 64, 32
   c.log.every_kd_steps = 1
+  c.log.checkpoint_every_rounds = 1  # rounds of a second: a save each (tests resume anywhere)

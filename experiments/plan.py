@@ -40,6 +40,9 @@ def compile_plan(mesh: Mesh, synth, pre_synth, kd_cfg, fresh: bool) -> Steps:
                               donate_argnums=(2,), out_shardings=rep)
   else:
     for name, cfg in (('round', synth), ('pre_round', pre_synth)):
+      if name == 'pre_round' and cfg == synth:  # same program: compile it once
+        steps.pre_round = steps.round
+        continue
       fn = functools.partial(algorithms.get(cfg.algorithm).round, cfg, data_sharding=shard)
       setattr(steps, name, jax.jit(fn, donate_argnums=(2,),
                                    out_shardings=(rep, cmi.RoundOutput(shard, shard, rep))))

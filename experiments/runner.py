@@ -191,7 +191,8 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
                             augment=cfg.kd.augment and not fresh)
 
   root = jax.random.key(cfg.seed)
-  tx = sgd(cosine_per_epoch(cfg.kd.lr, plan.epochs, plan.rounds_per_epoch * plan.kd_steps),
+  tx = sgd(cosine_per_epoch(cfg.kd.lr, plan.epochs, plan.rounds_per_epoch * plan.kd_steps,
+                            cfg.kd.lr_min),
            cfg.kd.momentum, cfg.kd.weight_decay)
   state = {'student': create_classifier_state(student_module, rng_stream(root, 'student_init'),
                                               (1,) + info.image_shape, tx)}
@@ -316,8 +317,8 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
 
 def tx_lr(cfg, plan: Plan, step: int) -> float:
   """The student's learning rate at `step` (for logging)."""
-  return float(cosine_per_epoch(cfg.kd.lr, plan.epochs, plan.rounds_per_epoch * plan.kd_steps)(
-      max(step - 1, 0)))
+  return float(cosine_per_epoch(cfg.kd.lr, plan.epochs, plan.rounds_per_epoch * plan.kd_steps,
+                               cfg.kd.lr_min)(max(step - 1, 0)))
 
 
 def _synthesis_row(m: Dict[str, Any]) -> Dict[str, float]:

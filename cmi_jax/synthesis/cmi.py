@@ -32,7 +32,7 @@ from cmi_jax.teacher import Teacher, TeacherOutput
 
 SYNTHESIZERS = ('generator', 'pixels')
 GENERATORS = ('cmi', 'large')
-VIEWS = ('cmi', 'jitter')
+VIEWS = ('cmi', 'jitter', 'crop')  # 'crop': the global view only (FastDFKD, NAYER)
 OH_KINDS = ('targets', 'argmax')
 
 
@@ -83,6 +83,23 @@ class SynthesisConfig:
   # Which round function runs this config (cmi_jax.synthesis.algorithms.ALGORITHMS):
   # 'cmi' (CMI and the presets of the unified loss), further methods by name.
   algorithm: str = 'cmi'
+  # --- FastDFKD (algorithm 'fast', cmi_jax/synthesis/fast.py); ignored by the others.
+  # The meta-generator and its Adam persist across rounds; each round trains a fast
+  # copy g_steps (K) inner steps with a fresh z at lr_z; the meta-Adam runs at
+  # lr_meta (<= 0: K * lr_g, the reference's). bn_mmt: momentum of the BN-statistics
+  # EMA in L_bn (losses.momentum_bn_loss). L_adv is on from 0-based round
+  # adv_start_round (counted on device, pre-rounds included). reset_l0_round: the
+  # 0-based round at which the meta-generator's first Linear and BN are re-drawn
+  # (reference's reset_l0 at 120 + warmup); -1 never.
+  lr_z: float = 0.01
+  lr_meta: float = 0.0
+  bn_mmt: float = 0.9
+  adv_start_round: int = 0
+  reset_l0_round: int = -1
+  # GAN baselines (kd.mode 'fresh') only: True reproduces the reference scripts' early
+  # bug (DataFree's first commit, Fast-Datafree `datafree_kd.py:270`; issue #11 there):
+  # the teacher stands in for the student in L_adv, so the adversarial term is zero.
+  adv_against_teacher: bool = False
 
   def validate(self) -> 'SynthesisConfig':
     """Raises ValueError naming the first bad field and its allowed values."""
@@ -100,6 +117,8 @@ class SynthesisConfig:
         ('pool_size', self.pool_size >= self.batch_size, f'>= batch_size ({self.batch_size})'),
         ('cr_temperature', self.cr_temperature > 0, '> 0'),
         ('lr_g', self.lr_g > 0, '> 0'),
+        ('lr_z', self.lr_z > 0, '> 0'),
+        ('bn_mmt', 0.0 <= self.bn_mmt < 1.0, 'in [0, 1)'),
         ('dtype', self.dtype in ('float32', 'bfloat16'), "'float32' or 'bfloat16'"),
         ('image_shape', len(self.image_shape) == 3 and
          (self.synthesizer == 'pixels' or self.image_shape[0] % 4 == 0 and
@@ -175,6 +194,9 @@ def _views(cfg: SynthesisConfig, rng: jax.Array, x: jax.Array) -> Tuple[jax.Arra
   """Normalized (global, local) views of x in [0, 1]; local is None for 'jitter'."""
   b, h, w, _ = x.shape
   k_g, k_l = jax.random.split(rng)
+  if cfg.views == 'crop':
+    xg = augment.apply_warp(x, augment.crop_flip(k_g, b, (h, w), cfg.global_padding))
+    return augment.normalize(xg, cfg.mean, cfg.std), None
   if cfg.views == 'jitter':
     jy, jx = (cfg.jitter, cfg.jitter) if cfg.jitter >= 0 else (h // 8, w // 8)
     warp = augment.roll_flip(k_g, b, (h, w), (jy, jx))

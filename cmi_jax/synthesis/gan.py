@@ -52,6 +52,8 @@ def gan_round(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Teacher]
   b = cfg.batch_size
   needs_taps = bool(cfg.weights.bn or cfg.weights.act)
   use_adv = cfg.weights.adv > 0 and student is not None
+  if cfg.adv_against_teacher:  # the reference's early bug, on request: L_adv == 0
+    student = teacher
 
   def loss_fn(params, batch_stats, z):
     x, new_vars = gen.apply_fn({'params': params, 'batch_stats': batch_stats}, z, train=True,

@@ -92,6 +92,30 @@ PRESETS['cmi_two_stage'] = _merge(PRESETS['cmi'], {
     'kd': {'pre_rounds': 196, 'pre_adv': 0.0, 'pre_oh': 1.0, 'kd_steps': 2000, 'ep_steps': 2000,
            'epochs': 40}})
 
+# FastDFKD (Fang et al., AAAI 2022; successor-methods.md section 1, `scripts/fast_cifar.sh`):
+# a meta-learned generator, K inner steps per round (Fast-K), momentum L_bn, 20 synthesis-only
+# warm-up rounds (L_adv on from the 20th, on device), then 400 KD steps per round for 200
+# epochs at batch 256, T 20, SGD lr 0.2 cosine to 2e-4. Loss weights are the wrn40_2 rows'
+# (adv 1.1, oh 0.4); configs/common.py sets the resnet34 / vgg11 rows' (FAST_ROW_WEIGHTS).
+# reinit stays True: it is CMI's field; 'fast' always keeps its meta-generator.
+FAST_COMMON = {
+    'synthesis': {'algorithm': 'fast', 'synthesizer': 'generator', 'generator': 'cmi',
+                  'reinit': True, 'views': 'crop', 'adv_kind': 'masked_kl',
+                  'adv_temperature': 1.0, 'oh_kind': 'targets', 'betas': (0.5, 0.999),
+                  'batch_size': 256, 'pool_size': 220 * 256, 'bn_mmt': 0.9, 'lr_meta': 0.0,
+                  'adv_start_round': 19, 'reset_l0_round': 139,
+                  'weights': {'bn': 10.0, 'oh': 0.4, 'adv': 1.1, 'cr': 0.0,
+                              'balance': 0.0, 'act': 0.0, 'tv': 0.0}},
+    'kd': {'mode': 'pool', 'loss': 'kl', 'temperature': 20.0, 'batch_size': 256, 'lr': 0.2,
+           'lr_min': 2e-4, 'epochs': 200, 'kd_steps': 400, 'ep_steps': 400,
+           'pre_rounds': 20, 'pre_adv': 1.1, 'pre_oh': 0.4},
+}
+# Fast-K: (K = g_steps, lr_g, lr_z); the meta-Adam runs at K * lr_g.
+FAST_VARIANTS = {'fast2': (2, 5e-3, 0.015), 'fast5': (5, 3e-3, 0.01), 'fast10': (10, 2e-3, 0.01)}
+for _name, (_k, _lr_g, _lr_z) in FAST_VARIANTS.items():
+  PRESETS[_name] = _merge(FAST_COMMON, {'synthesis': {'g_steps': _k, 'lr_g': _lr_g,
+                                                      'lr_z': _lr_z}})
+
 
 def get(name: str) -> Dict[str, Any]:
   if name not in PRESETS:
