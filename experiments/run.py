@@ -7,12 +7,16 @@
 Each epoch runs (ep_steps // kd_steps) times: one synthesis call (a CMI round, or
 generator steps for the GAN baselines), then kd_steps student steps; then the
 student is evaluated on the real test split when it is available. The workdir
-receives full-state checkpoints (resumed automatically), metrics.jsonl, a PNG
-grid of each round's images, plots, and summary.json. This is the only module
+receives full-state checkpoints (asynchronous, every log.checkpoint_every_rounds
+rounds and at the end; resumed automatically), metrics.jsonl, a PNG grid of each
+round's images, plots, and summary.json. SIGTERM/SIGINT stop the run cleanly
+after the current round with a checkpoint; the same command resumes it. This is the only module
 that reads a whole ConfigDict.
 """
 
 import os
+import shlex
+import sys
 import time
 
 from absl import app, flags, logging
@@ -34,6 +38,9 @@ def main(argv):
   t0 = time.time()
   summary = runner.run(cfg, workdir)
   if 'stopped_at_round' in summary:
+    if 'signal' in summary:
+      print('Resume with the same command: python -m experiments.run '
+            + shlex.join(sys.argv[1:]))
     return
   acc = summary.get('student_accuracy')
   if acc is not None:

@@ -3,9 +3,12 @@
 Kept separate from the absl entry point so tests can call `run(cfg, workdir)`.
 """
 
+import contextlib
 import dataclasses
 import functools
 import os
+import signal
+import threading
 import time
 from typing import Any, Dict, List, Optional
 
@@ -163,11 +166,70 @@ class Plan:
   def ends_epoch(self, r: int) -> bool:
     return r >= self.pre_rounds and (r - self.pre_rounds + 1) % self.rounds_per_epoch == 0
 
+  def checkpoint_due(self, r: int, every: int) -> bool:
+    """Whether round r (0-based) ends with a checkpoint: every `every` rounds, at
+    epoch ends when an epoch has at least `every` rounds (one extra save per epoch
+    at most), and at the end."""
+    return ((r + 1) % every == 0 or r + 1 == self.total_rounds
+            or (self.ends_epoch(r) and self.rounds_per_epoch >= every))
+
 
 # ---------------------------------------------------------------- the run
 
+class StopSignal:
+  """SIGTERM/SIGINT -> a clean stop: the first signal sets `requested` (the loop
+  stops after the current round, saves and says how to resume); handlers are
+  restored at the first signal (a second one acts as usual, e.g. Ctrl-C twice
+  interrupts at once) and on exit. Installed only in the main thread."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received: Optional[str] = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self.handle)
+    return self
+
+  def handle(self, signum, frame=None) -> None:
+    del frame
+    self.received = signal.Signals(signum).name
+    self._restore()
+    print(f'\n{self.received} received: stopping after the current round (saving a '
+          'checkpoint first); send it again to stop at once.', flush=True)
+
+  def requested(self) -> bool:
+    """Whether any process received a signal (all processes agree: a collective)."""
+    flag = self.received is not None
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+      self.received = self.received or 'a signal (on another process)' if flag else None
+    return flag
+
+  def _restore(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+
+  def __exit__(self, *exc):
+    self._restore()
+
+
 def run(cfg, workdir: str) -> Dict[str, Any]:
-  """Runs (or resumes) the data-free KD described by `cfg`; returns the summary."""
+  """Runs (or resumes) the data-free KD described by `cfg`; returns the summary.
+
+  SIGTERM/SIGINT stop it cleanly after the current round (see StopSignal); an
+  exception still finishes the checkpoint being written."""
+  with contextlib.ExitStack() as cleanup, StopSignal() as stop_signal:
+    return _run(cfg, workdir, cleanup, stop_signal)
+
+
+def _run(cfg, workdir: str, cleanup: contextlib.ExitStack, stop_signal: StopSignal
+         ) -> Dict[str, Any]:
   validate(cfg)
   if jax.process_count() > 1 and cfg.mesh.num_devices not in (0, jax.device_count()):
     raise ValueError(f'config.mesh.num_devices={cfg.mesh.num_devices} is invalid: a multi-host '
@@ -204,7 +266,9 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
   state = parallel.replicate(mesh, state)
 
   # Resume order: the workdir's latest checkpoint, else a fresh start.
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.log.max_checkpoints)
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.log.max_checkpoints,
+                     async_save=cfg.log.async_checkpoints)
+  cleanup.callback(ckpt.close)  # on any exit: the save in flight completes
   meta = {'round': 0, 'history': [], 'teacher_accuracy': None}
   restored = ckpt.restore(abstract(state))
   if restored is not None:
@@ -288,22 +352,30 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
     bar.update(1)
     bar.set_postfix({k: f'{row[k]:.3g}' for k in ('loss', 'l_bn', 'l_cr', 'kd_loss',
                                                    'student_accuracy') if k in row})
-    # 4. Checkpoint at round boundaries (and always at epoch ends and the end).
+    # 4. Checkpoint (asynchronous: blocks for the host copy only) every
+    # log.checkpoint_every_rounds rounds, at epoch ends when an epoch is at least that
+    # long, at the end, and before a stop (log.stop_after_rounds, SIGTERM/SIGINT).
     last = r + 1 == plan.total_rounds
-    stop = bool(cfg.log.stop_after_rounds) and r + 1 - start >= cfg.log.stop_after_rounds \
-        and not last
-    if (r + 1) % cfg.log.checkpoint_every_rounds == 0 or plan.ends_epoch(r) or last or stop:
+    stop_after = bool(cfg.log.stop_after_rounds) and r + 1 - start >= cfg.log.stop_after_rounds
+    signalled = stop_signal.requested()
+    stop = (stop_after or signalled) and not last
+    if plan.checkpoint_due(r, cfg.log.checkpoint_every_rounds) or stop:
       meta = {'round': r + 1, 'history': history,
               'teacher_accuracy': meta['teacher_accuracy']}
       ckpt.save(r + 1, state, meta)
     if plan.ends_epoch(r) and not last:  # the end of the run plots after the summary
       _plots(workdir, writer)
     if stop:
-      print(f'Stopping after {cfg.log.stop_after_rounds} round(s) as log.stop_after_rounds asks; '
-            'run the same command again to continue.')
       bar.close()
       writer.close()
       ckpt.close()
+      if signalled:
+        print(f'Stopped by {stop_signal.received} after round {r + 1}/{plan.total_rounds}; '
+              f'checkpoint saved in {ckpt.directory}. Run the same command again to resume.')
+        return {'stopped_at_round': r + 1, 'workdir': os.path.abspath(workdir),
+                'signal': stop_signal.received}
+      print(f'Stopping after {cfg.log.stop_after_rounds} round(s) as log.stop_after_rounds asks; '
+            'run the same command again to continue.')
       return {'stopped_at_round': r + 1, 'workdir': os.path.abspath(workdir)}
   bar.close()
 
