@@ -334,10 +334,12 @@ def _run(cfg, workdir: str, cleanup: contextlib.ExitStack, stop_signal: StopSign
       if fresh:
         images, targets = preview(teacher, state['generator'], jax.random.fold_in(synth_key, r))
       if test is not None:
+        t_eval = time.time()
         ev = parallel.evaluate_on_hosts(eval_fn, {'params': state['student'].params,
                                         'batch_stats': state['student'].batch_stats},
                               test.images, test.labels, cfg.data.eval_batch_size)
         row['student_accuracy'], row['student_test_loss'] = ev['accuracy'], ev['loss']
+        row['eval_s'] = time.time() - t_eval  # inside elapsed_s; time-to-accuracy subtracts it
       history.append({k: row[k] for k in ('round', 'epoch', 'student_accuracy') if k in row})
     row['elapsed_s'] = time.time() - t0
     writer.write_scalars(r + 1, row)
