@@ -63,7 +63,11 @@ def base_config(dataset: str, method: str = 'cmi'):
       # round of the one-off reset_l0 (-1 never).
       lr_z=0.01, lr_meta=0.0, bn_mmt=0.9, adv_start_round=0, reset_l0_round=-1,
       # GAN baselines: True = the reference's early bug (teacher as the student in L_adv).
-      adv_against_teacher=False))
+      adv_against_teacher=False,
+      # NAYER (algorithm 'nayer'; see SynthesisConfig): loops per round (= epoch), rounds
+      # between generator resets, noisy-layer width, the generator's class vectors
+      # ('classifier', 'penultimate', 'random', 'onehot' or a [C, E] .npy path).
+      g_loops=2, g_life=10, le_emb_size=1000, label_embeddings='classifier'))
   # Student: SGD, cosine stepped per epoch (down to lr_min); each epoch runs
   # ep_steps // kd_steps rounds of (one synthesis call, kd_steps student steps).
   # pre_rounds: synthesis-only rounds first (two-stage recipe, FastDFKD's warm-up) with
@@ -71,10 +75,15 @@ def base_config(dataset: str, method: str = 'cmi'):
   c.kd = C(dict(
       batch_size=128, kd_steps=400, ep_steps=400, epochs=200, lr=0.1, lr_min=0.0, momentum=0.9,
       weight_decay=1e-4, temperature=20.0, loss='kl', mode='pool', augment=True,
-      pre_rounds=0, pre_adv=0.0, pre_oh=1.0))
+      pre_rounds=0, pre_adv=0.0, pre_oh=1.0,
+      pre_loops=0))  # synthesis.g_loops of the pre-rounds (NAYER's gwp_loops; 0: the same)
   # num_devices 0: all devices, along one 'data' axis. distributed: 'auto' initializes
   # jax.distributed when the environment asks (JAX_COORDINATOR_ADDRESS, CMI_JAX_DISTRIBUTED=1).
   c.mesh = C(dict(num_devices=0, distributed='auto'))
+  # Faults (experiments/guard.py): round_retries: fresh-key retries of a synthesis round
+  # whose best loss is non-finite, before the round is skipped; allow_config_change:
+  # continue a workdir's run although its config or teacher differs (refused by default).
+  c.faults = C(dict(round_retries=2, allow_config_change=False))
   # Checkpoints are asynchronous (the round waits only for the host copy: under 5 % of a
   # 3.9 s GPU round at CIFAR sizes, benchmarks/checkpoint_speed.py) and written every
   # checkpoint_every_rounds rounds, at epoch ends when an epoch has at least that many
@@ -108,7 +117,8 @@ FAST_ROW_WEIGHTS = {
 
 def make_dataset_config(dataset: str, arg=None):
   """CIFAR-10/100 config for one paper row, preset and optional quick variant."""
-  a = parse_arg(arg, _positional='row', row='wrn40_2-wrn16_1', method='cmi', quick=False)
+  a = parse_arg(arg, _positional='row', row='wrn40_2-wrn16_1', method='cmi', quick=False,
+                epochs=0)  # epochs: KD epochs, 0 = the method's (NAYER_100/200/300: 100/200/300)
   if a['row'] not in PAPER_ROWS:
     raise ValueError(f'Unknown row {a["row"]!r}; choose one of {sorted(PAPER_ROWS)}.')
   teacher, student = PAPER_ROWS[a['row']]
@@ -120,9 +130,22 @@ def make_dataset_config(dataset: str, arg=None):
   if c.synthesis.algorithm == 'fast':  # the row's own FastDFKD weights, warm-up included
     c.synthesis.weights.adv, c.synthesis.weights.oh = FAST_ROW_WEIGHTS[a['row']]
     c.kd.pre_adv, c.kd.pre_oh = FAST_ROW_WEIGHTS[a['row']]
+  if a['epochs']:
+    c.kd.epochs = a['epochs']
+  if c.synthesis.algorithm == 'nayer':  # one setting for all five rows (`scripts/nayer_*.sh`)
+    c.synthesis.g_steps = 40 if dataset == 'cifar100' else 30
+    c.synthesis.pool_size = keep_all_pool_size(c)
   if a['quick']:
     apply_quick(c)
   return c
+
+
+def keep_all_pool_size(c) -> int:
+  """Images a loop-based run (NAYER) synthesizes in all: batch x (warm-up rounds x
+  pre_loops + KD rounds x g_loops), so the pool keeps every one, as the reference does."""
+  s, k = c.synthesis, c.kd
+  rounds = k.epochs * max(k.ep_steps // k.kd_steps, 1)
+  return s.batch_size * (k.pre_rounds * (k.pre_loops or s.g_loops) + rounds * s.g_loops)
 
 
 def apply_quick(c) -> None:
@@ -134,6 +157,8 @@ def apply_quick(c) -> None:
   k.batch_size, k.kd_steps, k.epochs = 8, 2, 2
   k.ep_steps = k.kd_steps * rounds_per_epoch
   k.pre_rounds = min(k.pre_rounds, 1)
+  k.pre_loops = min(k.pre_loops, 2)
+  s.le_emb_size = min(s.le_emb_size, 16)
   c.data.eval_limit, c.data.eval_batch_size = 64, 32
   c.log.every_kd_steps = 1
   c.log.checkpoint_every_rounds = 1  # rounds of a second: a save each (tests resume anywhere)

@@ -59,6 +59,7 @@ def validate(cfg) -> None:
       ('kd.mode', k.mode, k.mode in ('pool', 'fresh'), "must be 'pool' or 'fresh'"),
       ('kd.loss', k.loss, k.loss in distill.KD_LOSSES, f'must be one of {distill.KD_LOSSES}'),
       ('kd.pre_rounds', k.pre_rounds, k.pre_rounds >= 0, 'must be >= 0'),
+      ('kd.pre_loops', k.pre_loops, k.pre_loops >= 0, 'must be >= 0 (0: synthesis.g_loops)'),
       ('kd.mode', k.mode, k.mode == 'pool' or s.synthesizer == 'generator',
        "'fresh' needs synthesis.synthesizer='generator'"),
       ('synthesis.reinit', s.reinit, s.reinit or k.mode == 'fresh',
@@ -237,8 +238,11 @@ def _run(cfg, workdir: str, cleanup: contextlib.ExitStack, stop_signal: StopSign
   info = data.get_info(cfg.data.name)
   mesh = parallel.make_mesh(cfg.mesh.num_devices)
   synth = synthesis_config(cfg, info, cfg.synthesis.weights.to_dict())
-  pre_synth = dataclasses.replace(synth, weights=dataclasses.replace(
-      synth.weights, adv=cfg.kd.pre_adv, oh=cfg.kd.pre_oh))
+  # The pre-rounds (synthesis-only warm-up) run with weights adv=pre_adv, oh=pre_oh and
+  # pre_loops loops per round (NAYER's gwp_loops; 0: synthesis.g_loops).
+  pre_synth = dataclasses.replace(synth, g_loops=cfg.kd.pre_loops or synth.g_loops,
+                                  weights=dataclasses.replace(
+                                      synth.weights, adv=cfg.kd.pre_adv, oh=cfg.kd.pre_oh))
   parallel.check_divisible(mesh, **{'synthesis.batch_size': synth.batch_size,
                                    'kd.batch_size': cfg.kd.batch_size})
   teacher = parallel.replicate(mesh, load_teacher(cfg, info, synth.compute_dtype))

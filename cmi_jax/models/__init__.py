@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, Optional
 
 import flax.linen as nn
 
-from cmi_jax.models.generator import Generator
+from cmi_jax.models.generator import Generator, NLGenerator
 from cmi_jax.models.head import HEAD_KINDS, Head, l2_normalize
 from cmi_jax.models.layers import TAPS, BatchNorm, BNTap, Conv
 from cmi_jax.models.resnet import ResNet
@@ -45,5 +45,5 @@ def init(module: nn.Module, rng, input_shape, **kwargs) -> Dict[str, Any]:
   return {k: v for k, v in variables.items() if k != TAPS}
 
 
-__all__ = ['init', 'CLASSIFIERS', 'get', 'Generator', 'Head', 'HEAD_KINDS', 'l2_normalize', 'TAPS',
+__all__ = ['init', 'CLASSIFIERS', 'get', 'Generator', 'NLGenerator', 'Head', 'HEAD_KINDS', 'l2_normalize', 'TAPS',
            'BatchNorm', 'BNTap', 'Conv', 'ResNet', 'VGG', 'WideResNet']

@@ -1,4 +1,4 @@
-"""The CMI generator and the larger GAN-baseline generator (reference layout).
+"""The CMI generator, the larger GAN-baseline generator and NAYER's NLGenerator.
 
 `l1.0`: Linear(nz -> width * (S/4)^2), reshaped NCHW-style (so converted
 PyTorch weights give the same images); `conv_blocks`: 0 BN, up x2, 2 conv,
@@ -7,18 +7,28 @@ sigmoid. The CMI generator has width 2*ngf after `l1`; the large one (DAFL,
 ZSKT, DFQ, DFAD) 4*ngf, halving at each conv. Output in [0, 1], NHWC.
 
 Initializers are the reference's per-round reset: conv/linear weights
-N(0, 0.02), biases 0, BN scale N(1, 0.02), BN bias 0.
+N(0, 0.02), biases 0, BN scale N(1, 0.02), BN bias 0. NLGenerator (NAYER) is
+built fresh by its reference (`NLGenerator.reinit`), so it takes PyTorch's
+default init instead (`torch_init=True` of the shared conv trunk).
 """
 
 from typing import Any, Optional
+
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cmi_jax.models.layers import BatchNorm, Conv
+from cmi_jax.models.layers import BatchNorm, Conv, torch_default_init
 
 _w_init = nn.initializers.normal(0.02)
+
+
+def _torch_bias_init(fan_in: int):
+  """PyTorch's default Linear/Conv bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def _bn_scale_init(key, shape, dtype=jnp.float32):
@@ -72,13 +82,20 @@ class _Blocks(nn.Module):
   large: bool
   dtype: Optional[Any] = None
   axis_name: Optional[str] = None
+  torch_init: bool = False  # PyTorch default init (NLGenerator) instead of N(0, 0.02)
 
   @nn.compact
   def __call__(self, x, train: bool):
     bn = lambda name: BatchNorm(dtype=self.dtype, axis_name=self.axis_name,
-                                scale_init=_bn_scale_init, name=name)
-    conv = lambda f, name, bias=False: Conv(f, 3, 1, 1, use_bias=bias, dtype=self.dtype,
-                                            kernel_init=_w_init, name=name)
+                                scale_init=nn.initializers.ones if self.torch_init
+                                else _bn_scale_init, name=name)
+
+    def conv(f, name, bias=False):
+      fan_in = 9 * x.shape[-1]  # read when the layer is built: x is then its input
+      return Conv(f, 3, 1, 1, use_bias=bias, dtype=self.dtype,
+                  kernel_init=torch_default_init if self.torch_init else _w_init,
+                  bias_init=_torch_bias_init(fan_in) if self.torch_init
+                  else nn.initializers.zeros, name=name)
     # CMI: 2ngf -> 2ngf -> ngf; large: 4ngf -> 2ngf -> ngf.
     w1 = self.width // 2 if self.large else self.width
     w2 = w1 // 2
@@ -87,3 +104,77 @@ class _Blocks(nn.Module):
     x = nn.leaky_relu(bn('7')(conv(w2, '6')(_upsample2(x)), train), 0.2)
     x = conv(self.nc, '9', bias=True)(x)
     return nn.sigmoid(x.astype(jnp.float32))
+
+
+class NLGenerator(nn.Module):
+  """NAYER's generator (`datafree/models/generator.py` NLGenerator): x = G(LTE[y]).
+
+  [B, E] label embeddings -> BatchNorm1d (affine, batch statistics) -> noisy
+  layers: the batch is cut into consecutive chunks of `chunk` (= C, the number
+  of classes) samples and chunk i goes through its own Linear(E -> le_emb_size),
+  ceil(B / chunk) of them (the last chunk may be short) -> Linear(le_emb_size ->
+  2*ngf*(S/4)^2), no activation between -> the CMI conv trunk -> sigmoid.
+
+  The noisy layers are params 'noisy' {'kernel': [nle, E, L], 'bias': [nle, L]}
+  initialised W ~ N(0, 1), b = 0 (the reference's `re_init_le`, redone every
+  loop with `reinit_noisy`); everything else takes PyTorch's default init.
+  """
+  batch_size: int             # B (the reference's sbz): fixes the number of noisy layers
+  chunk: int                  # samples per noisy layer (the reference's nl = num_classes)
+  le_emb_size: int = 1000
+  ngf: int = 64
+  img_size: int = 32
+  nc: int = 3
+  dtype: Optional[Any] = None
+
+  @property
+  def num_noisy(self) -> int:
+    return -(-self.batch_size // self.chunk)
+
+  @nn.compact
+  def __call__(self, emb, train: bool = True):
+    if self.img_size % 4:
+      raise ValueError(f'NLGenerator img_size must be a multiple of 4, got {self.img_size}.')
+    b, e = emb.shape
+    if b != self.batch_size:
+      raise ValueError(f'NLGenerator was built for batch_size={self.batch_size} (its number of '
+                       f'noisy layers depends on it); got a batch of {b}.')
+    # BatchNorm1d over the batch: the shared BN layer on a [B, 1, 1, E] view.
+    h = BatchNorm(axis_name=None, name='n1')(emb.astype(jnp.float32)[:, None, None, :], train)
+    h = h[:, 0, 0, :]
+    nle, l = self.num_noisy, self.le_emb_size
+    kernel = self.param('noisy_kernel', nn.initializers.normal(1.0), (nle, e, l), jnp.float32)
+    bias = self.param('noisy_bias', nn.initializers.zeros, (nle, l), jnp.float32)
+    h = chunked_linear(h, kernel, bias, self.chunk)
+    s = self.img_size // 4
+    width = 2 * self.ngf
+    h = nn.Dense(width * s * s, kernel_init=torch_default_init, bias_init=_torch_bias_init(l),
+                 dtype=self.dtype, name='l1')(h)
+    # PyTorch views the Linear output as [B, C, S, S]; keep that element order.
+    h = h.reshape(b, width, s, s).transpose(0, 2, 3, 1)
+    return _Blocks(width, self.nc, False, self.dtype, None, torch_init=True,
+                   name='conv_blocks')(h, train)
+
+
+def chunked_linear(x: jax.Array, kernel: jax.Array, bias: jax.Array, chunk: int) -> jax.Array:
+  """Row i of x [B, E] through Linear number i // chunk: kernel [n, E, L], bias [n, L].
+
+  One batched matmul over the zero-padded [n, chunk, E] view (the padded rows
+  are dropped), the same math whatever the batch's sharding.
+  """
+  b = x.shape[0]
+  n = kernel.shape[0]
+  if n * chunk < b or (n - 1) * chunk >= b:
+    raise ValueError(f'{n} noisy layers of {chunk} samples do not cover a batch of {b} '
+                     f'(need ceil({b}/{chunk}) = {-(-b // chunk)}).')
+  xp = jnp.pad(x, ((0, n * chunk - b), (0, 0))).reshape(n, chunk, x.shape[1])
+  y = jnp.einsum('nce,nel->ncl', xp, kernel.astype(x.dtype)) + bias[:, None, :].astype(x.dtype)
+  return y.reshape(n * chunk, -1)[:b]
+
+
+def reinit_noisy(params, rng: jax.Array):
+  """NLGenerator params with fresh noisy layers: W ~ N(0, 1), b = 0 (`re_init_le`)."""
+  out = dict(params)
+  out['noisy_kernel'] = jax.random.normal(rng, params['noisy_kernel'].shape, jnp.float32)
+  out['noisy_bias'] = jnp.zeros_like(params['noisy_bias'])
+  return out

@@ -11,7 +11,7 @@ Every algorithm has the same two entry points:
 
 from typing import Callable, Dict, NamedTuple
 
-from cmi_jax.synthesis import cmi, fast
+from cmi_jax.synthesis import cmi, fast, nayer
 
 
 class Algorithm(NamedTuple):
@@ -21,6 +21,7 @@ class Algorithm(NamedTuple):
 
 ALGORITHMS: Dict[str, Algorithm] = {
     'cmi': Algorithm(cmi.init_state, cmi.synthesis_round),
+    'nayer': Algorithm(nayer.init_state, nayer.nayer_round),
     'fast': Algorithm(fast.init_state, fast.fast_round),  # FastDFKD (meta-generator)
 }
 

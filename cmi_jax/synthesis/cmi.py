@@ -100,6 +100,18 @@ class SynthesisConfig:
   # bug (DataFree's first commit, Fast-Datafree `datafree_kd.py:270`; issue #11 there):
   # the teacher stands in for the student in L_adv, so the adversarial term is zero.
   adv_against_teacher: bool = False
+  # --- NAYER (algorithm 'nayer', cmi_jax/synthesis/nayer.py); ignored by the others.
+  # Also reads bn_mmt and adv_start_round above, views 'crop'. A round is one epoch:
+  # g_loops loops, each with fresh noisy layers and a fresh Adam (the warm-up's
+  # gwp_loops is the runner's kd.pre_loops, its pre-rounds' g_loops). The generator
+  # persists and is replaced every g_life rounds (reinit is unused).
+  # le_emb_size: the noisy layers' width. label_embeddings: the class vectors fed to
+  # the generator: 'classifier', 'penultimate', 'random', 'onehot' (derived offline,
+  # cmi_jax/synthesis/embeddings.py) or the path of a user's [C, E] .npy file.
+  g_loops: int = 2
+  g_life: int = 10
+  le_emb_size: int = 1000
+  label_embeddings: str = 'classifier'
 
   def validate(self) -> 'SynthesisConfig':
     """Raises ValueError naming the first bad field and its allowed values."""
@@ -119,6 +131,11 @@ class SynthesisConfig:
         ('lr_g', self.lr_g > 0, '> 0'),
         ('lr_z', self.lr_z > 0, '> 0'),
         ('bn_mmt', 0.0 <= self.bn_mmt < 1.0, 'in [0, 1)'),
+        ('g_loops', self.g_loops >= 1, '>= 1'),
+        ('g_life', self.g_life >= 1, '>= 1'),
+        ('le_emb_size', self.le_emb_size >= 1, '>= 1'),
+        ('label_embeddings', _embedding_source_ok(self.label_embeddings),
+         "'classifier', 'penultimate', 'random', 'onehot' or a path ending in .npy"),
         ('dtype', self.dtype in ('float32', 'bfloat16'), "'float32' or 'bfloat16'"),
         ('image_shape', len(self.image_shape) == 3 and
          (self.synthesizer == 'pixels' or self.image_shape[0] % 4 == 0 and
@@ -143,6 +160,11 @@ class SynthesisConfig:
 
   def make_head(self) -> Head:
     return Head(kind=self.head_kind, head_dim=self.head_dim)
+
+
+def _embedding_source_ok(value: str) -> bool:
+  from cmi_jax.synthesis.embeddings import check_source  # pylint: disable=g-import-not-at-top
+  return check_source(value)
 
 
 def _algorithm_names() -> Tuple[str, ...]:

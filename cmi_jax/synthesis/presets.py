@@ -116,6 +116,28 @@ for _name, (_k, _lr_g, _lr_z) in FAST_VARIANTS.items():
   PRESETS[_name] = _merge(FAST_COMMON, {'synthesis': {'g_steps': _k, 'lr_g': _lr_g,
                                                       'lr_z': _lr_z}})
 
+# NAYER (Tran et al., CVPR 2024; successor-methods.md section 2, `scripts/nayer_200.sh`):
+# a persistent NLGenerator fed class vectors through noisy layers re-drawn every loop,
+# reset every g_life = 10 epochs; one round = one epoch of g_loops = 2 loops x g_steps;
+# 20 synthesis-only warm-up rounds of 10 loops (kd.pre_loops = gwp_loops; L_adv off,
+# and on device from round 20 for API use), then 400 KD steps per epoch at batch 512,
+# T 20, SGD lr 0.2 cosine over the KD epochs to 2e-4. Every loop's best 400 images are
+# kept: 20 x 10 x 400 + epochs x 2 x 400 (NAYER_200: 240,000). g_steps 30 is CIFAR-10's
+# (configs/common.py sets CIFAR-100's 40); epochs 200 = NAYER_200 (`:epochs=` 100, 300).
+PRESETS['nayer'] = {
+    'synthesis': {'algorithm': 'nayer', 'synthesizer': 'generator', 'generator': 'cmi',
+                  'reinit': True, 'views': 'crop', 'adv_kind': 'masked_kl',
+                  'adv_temperature': 1.0, 'oh_kind': 'targets', 'betas': (0.5, 0.999),
+                  'batch_size': 400, 'g_steps': 30, 'lr_g': 4e-3, 'ngf': 64,
+                  'pool_size': (20 * 10 + 200 * 2) * 400, 'bn_mmt': 0.9,
+                  'adv_start_round': 20, 'g_loops': 2, 'g_life': 10, 'le_emb_size': 1000,
+                  'weights': {'bn': 10.0, 'oh': 0.5, 'adv': 1.33, 'cr': 0.0,
+                              'balance': 0.0, 'act': 0.0, 'tv': 0.0}},
+    'kd': {'mode': 'pool', 'loss': 'kl', 'temperature': 20.0, 'batch_size': 512, 'lr': 0.2,
+           'lr_min': 2e-4, 'epochs': 200, 'kd_steps': 400, 'ep_steps': 400,
+           'pre_rounds': 20, 'pre_adv': 0.0, 'pre_oh': 0.5, 'pre_loops': 10},
+}
+
 
 def get(name: str) -> Dict[str, Any]:
   if name not in PRESETS:
