@@ -1,7 +1,10 @@
-"""Metric writer (JSON lines), image grids and plots. Process 0 writes; others no-op.
+"""Metric writer (JSON lines, and TensorBoard), image grids and plots. Process 0
+writes; others no-op.
 
 A clu-like interface without clu (whose metric_writers import needs TensorFlow):
-`write_scalars(step, mapping)`, `write_images(step, name, grid)`, `flush`, `close`.
+`write_scalars(step, mapping)`, `flush`, `close`. Scalars also go to TensorBoard
+event files in `<workdir>/tensorboard/` when tensorboardX (the `[tensorboard]`
+extra; no TensorFlow needed) is installed; without it a one-line note says so.
 """
 
 import json
@@ -22,17 +25,43 @@ def _to_py(v: Any) -> Any:
   return v
 
 
-class MetricWriter:
-  """Appends one JSON object per `write_scalars` call to `workdir/metrics.jsonl`."""
+_TENSORBOARD_NOTE_SHOWN = False
 
-  def __init__(self, workdir: str, enabled: bool = True, filename: str = 'metrics.jsonl'):
+
+def _summary_writer_class():
+  """tensorboardX.SummaryWriter, or None (with a one-line note, once per process)."""
+  global _TENSORBOARD_NOTE_SHOWN
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    if not _TENSORBOARD_NOTE_SHOWN:
+      _TENSORBOARD_NOTE_SHOWN = True
+      print('TensorBoard logging is off: pip install "cmi_jax[tensorboard]" (tensorboardX) '
+            'to also write metrics to <workdir>/tensorboard.')
+    return None
+  return SummaryWriter
+
+
+class MetricWriter:
+  """Appends one JSON object per `write_scalars` call to `workdir/metrics.jsonl`,
+  and its finite numbers to TensorBoard (`workdir/tensorboard/`) when
+  `tensorboard` and tensorboardX is installed."""
+
+  def __init__(self, workdir: str, enabled: bool = True, filename: str = 'metrics.jsonl',
+               tensorboard: bool = True):
     self.workdir = workdir
     self.enabled = enabled
     self.path = os.path.join(workdir, filename)
+    self.tensorboard_dir = os.path.join(workdir, 'tensorboard')
     self._f = None
+    self._tb = None
+    self._tb_class = None
+    self._purge_step = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
       self._f = open(self.path, 'a', encoding='utf-8')
+      if tensorboard:
+        self._tb_class = _summary_writer_class()
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -41,11 +70,23 @@ class MetricWriter:
     row.update({k: _to_py(v) for k, v in scalars.items()})
     self._f.write(json.dumps(row) + '\n')
     self._f.flush()
+    if self._tb_class is not None:
+      if self._tb is None:  # lazily, so that a resume can purge the crashed run's steps
+        # A unique suffix: two sessions within a second must not share one event file.
+        self._tb = self._tb_class(self.tensorboard_dir, purge_step=self._purge_step,
+                                  filename_suffix=f'.{time.time_ns()}')
+      for k, v in row.items():
+        if (k not in ('step', 'time') and isinstance(v, (int, float))
+            and not isinstance(v, bool) and math.isfinite(v)):
+          self._tb.add_scalar(k, v, global_step=int(step))
 
   def truncate_after(self, step: int) -> None:
     """Drops rows with step > `step` (written by a run that crashed after its
     last checkpoint), so a resumed run's log has each step once."""
-    if not self.enabled or not os.path.exists(self.path):
+    if not self.enabled:
+      return
+    self._purge_step = step + 1  # TensorBoard hides the crashed run's events from here on
+    if not os.path.exists(self.path):
       return
     rows = read_metrics(self.path)
     keep = [r for r in rows if r.get('step', 0) <= step]
@@ -71,11 +112,16 @@ class MetricWriter:
   def flush(self) -> None:
     if self._f:
       self._f.flush()
+    if self._tb is not None:
+      self._tb.flush()
 
   def close(self) -> None:
     if self._f:
       self._f.close()
       self._f = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
 
 
 def read_metrics(path: str) -> list:
