@@ -54,14 +54,17 @@ def summary_line(summary, seconds: float) -> str:
   where the image grids and plots are."""
   def pct(v):
     return 'n/a (no test data)' if v is None else f'{v:.2f}%'
+  def where(name):  # summary.json holds paths relative to the workdir
+    return os.path.join(summary['workdir'], name)
   ratio = summary.get('student_teacher_ratio')
   return (f'Done in {seconds:.0f} s: {summary["method"]} student {summary["student"]} '
           f'{pct(summary["student_accuracy"])}, teacher {summary["teacher"]} '
           f'{pct(summary["teacher_accuracy"])}, ratio '
           f'{"n/a" if ratio is None else f"{ratio:.4f}"}; image grids in '
-          f'{summary["images_dir"]}, plots {", ".join(summary["plots"])}')
+          f'{where(summary["images_dir"])}, plots {", ".join(map(where, summary["plots"]))}')
 
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('config')
-  app.run(main)
+  from cmi_jax import errors  # pylint: disable=g-import-not-at-top
+  app.run(errors.main_guard(main), flags_parser=errors.parse_flags)  # user errors: one line

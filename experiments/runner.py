@@ -439,8 +439,7 @@ def _summary(cfg, plan, history, meta, workdir, seconds) -> Dict[str, Any]:
       'evaluation': 'on' if accs else 'off (no test data)',
       'student_teacher_ratio': (accs[-1] / meta['teacher_accuracy']
                                 if accs and meta.get('teacher_accuracy') else None),
-      'images_dir': os.path.abspath(os.path.join(workdir, 'images')),
-      'plots': [os.path.abspath(os.path.join(workdir, n)) for n in ('accuracy.png', 'losses.png')],
+      'images_dir': 'images', 'plots': ['accuracy.png', 'losses.png'],  # in the workdir
   }
 
 

@@ -74,8 +74,8 @@ def test_shipped_files_are_package_data():
 def test_summary_line_format():
   summary = {'method': 'cmi', 'student': 'wrn_16_1', 'teacher': 'wrn_16_2',
              'student_accuracy': 67.4123, 'teacher_accuracy': 93.77,
-             'student_teacher_ratio': 67.4123 / 93.77, 'images_dir': '/w/images',
-             'plots': ['/w/accuracy.png', '/w/losses.png']}
+             'student_teacher_ratio': 67.4123 / 93.77, 'workdir': '/w', 'images_dir': 'images',
+             'plots': ['accuracy.png', 'losses.png']}
   assert run.summary_line(summary, 57.2) == (
       'Done in 57 s: cmi student wrn_16_1 67.41%, teacher wrn_16_2 93.77%, ratio 0.7189; '
       'image grids in /w/images, plots /w/accuracy.png, /w/losses.png')
@@ -109,7 +109,9 @@ def test_main_command_quick_prints_accuracies(tmp_path, cache_dir):
   assert float(m[1]) == round(s_acc, 2) and float(m[2]) == round(t_acc, 2)
   assert float(m[3]) == round(s_acc / t_acc, 4) == round(summary['student_teacher_ratio'], 4)
   assert t_acc > 80  # the shipped teacher on the (first 64 of the) real test split
-  assert m[4] == summary['images_dir'] == str(workdir / 'images')
+  assert summary['workdir'] == str(workdir)
+  assert m[4] == os.path.join(summary['workdir'], summary['images_dir']) == str(workdir / 'images')
   assert os.listdir(m[4]) == ['round_00001.png']
-  assert [m[5], m[6]] == summary['plots']
-  assert all(os.path.exists(p) for p in summary['plots'])
+  assert [m[5], m[6]] == [str(workdir / p) for p in summary['plots']]
+  assert summary['plots'] == ['accuracy.png', 'losses.png']
+  assert all(os.path.exists(p) for p in (m[5], m[6]))
