@@ -17,9 +17,12 @@ import gzip
 import os
 import pickle
 import struct
+import zlib
 from typing import Dict, Iterator, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
+
+from cmi_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +67,18 @@ DATASETS: Dict[str, DatasetInfo] = {
 SPLITS = ('train', 'test')
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(UserError, FileNotFoundError):
   """Data files are absent or unreadable; the message says how to fix it."""
+
+
+class DataCorruptError(DataNotFoundError):
+  """A data file exists but is damaged (truncated, wrong size or format). `load`
+  raises it at once rather than trying the next folder, and the runner stops on
+  it rather than switching evaluation off: a damaged file must be replaced."""
+
+
+_REPLACE = ('Replace the file with an intact copy (download it again or reinstall the '
+            'package), or point data.dir at another folder.')
 
 
 class Split(NamedTuple):
@@ -96,17 +109,22 @@ def read_idx(path: str) -> np.ndarray:
   try:
     with opener(path, 'rb') as f:
       raw = f.read()
-  except (OSError, EOFError) as e:
-    raise DataNotFoundError(f'Cannot read IDX file {path}: {e}') from e
+  except (OSError, EOFError, zlib.error) as e:
+    raise DataCorruptError(f'Cannot read IDX file {path} ({e}); it is truncated or damaged. '
+                           f'{_REPLACE}') from e
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-    raise DataNotFoundError(f'{path} is not an IDX file (bad magic {raw[:4]!r}).')
+    raise DataCorruptError(f'{path} is not an IDX file (bad magic {raw[:4]!r}). {_REPLACE}')
   dtype = np.dtype(_IDX_DTYPES[raw[2]])
   ndim = raw[3]
+  body = len(raw) - 4 - 4 * ndim
+  if body < 0 or body % dtype.itemsize:
+    raise DataCorruptError(f'{path}: {len(raw)} bytes do not fit the IDX header ({ndim} dims of '
+                           f'{dtype}); the file is truncated. {_REPLACE}')
   dims = struct.unpack('>' + 'I' * ndim, raw[4:4 + 4 * ndim])
   data = np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim)
   if data.size != int(np.prod(dims)):
-    raise DataNotFoundError(f'{path}: header says {dims} ({int(np.prod(dims))} values) '
-                            f'but holds {data.size}; the file is truncated.')
+    raise DataCorruptError(f'{path}: header says {dims} ({int(np.prod(dims))} values) '
+                           f'but holds {data.size}; the file is truncated. {_REPLACE}')
   return data.reshape(dims).astype(dtype.newbyteorder('='))
 
 
@@ -128,8 +146,8 @@ def load_idx(directory: str, split: str) -> Split:
   images = read_idx(img_path)
   labels = read_idx(lbl_path).astype(np.int32)
   if images.ndim != 3 or labels.shape != (images.shape[0],):
-    raise DataNotFoundError(f'{img_path} / {lbl_path}: images {images.shape} and labels '
-                            f'{labels.shape} do not pair up.')
+    raise DataCorruptError(f'{img_path} / {lbl_path}: images {images.shape} and labels '
+                           f'{labels.shape} do not pair up. {_REPLACE}')
   return Split(images[..., None].astype(np.uint8), labels)
 
 
@@ -139,8 +157,10 @@ def _unpickle(path: str) -> dict:
   try:
     with open(path, 'rb') as f:
       return pickle.load(f, encoding='latin1')
-  except (OSError, EOFError, pickle.UnpicklingError) as e:
-    raise DataNotFoundError(f'Cannot read CIFAR batch {path}: {e}') from e
+  except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, IndexError,
+          AttributeError, ImportError, MemoryError) as e:  # a damaged pickle fails in many ways
+    raise DataCorruptError(f'Cannot read CIFAR batch {path} ({type(e).__name__}: {e}); it is '
+                           f'truncated or damaged. {_REPLACE}') from e
 
 
 def _cifar_root(directory: str, num_classes: int) -> str:
@@ -167,14 +187,22 @@ def load_cifar(directory: str, split: str, num_classes: int) -> Split:
   images, labels = [], []
   for p in paths:
     d = _unpickle(p)
-    if 'data' not in d or key not in d:
-      raise DataNotFoundError(f'{p} lacks the "data"/"{key}" entries of a CIFAR-{num_classes} '
-                              'batch (wrong dataset for this config?).')
-    imgs = np.asarray(d['data'], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    if not isinstance(d, dict) or 'data' not in d or key not in d:
+      raise DataCorruptError(f'{p} lacks the "data"/"{key}" entries of a CIFAR-{num_classes} '
+                             'batch (wrong dataset for this config? data.name selects it).')
+    raw = np.asarray(d['data'], np.uint8)
+    if raw.size % 3072:
+      raise DataCorruptError(f'{p}: "data" holds {raw.size} bytes, not a whole number of '
+                             f'32x32x3 images (3072 bytes each); the file is damaged or not '
+                             f'CIFAR. {_REPLACE}')
+    imgs = raw.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     lbls = np.asarray(d[key], np.int32)
     if len(imgs) != len(lbls):
-      raise DataNotFoundError(f'{p} holds {len(imgs)} images but {len(lbls)} labels; the file '
-                              'is damaged.')
+      raise DataCorruptError(f'{p} holds {len(imgs)} images but {len(lbls)} labels; the file '
+                             f'is damaged. {_REPLACE}')
+    if len(lbls) and (lbls.min() < 0 or lbls.max() >= num_classes):
+      raise DataCorruptError(f'{p}: labels span {lbls.min()}..{lbls.max()}, outside the '
+                             f'{num_classes} classes of CIFAR-{num_classes} (data.name).')
     images.append(imgs)
     labels.append(lbls)
   return Split(np.concatenate(images), np.concatenate(labels))
@@ -248,6 +276,8 @@ def load(name: str, split: str, data_dir: Optional[str] = None,
         out = (load_idx(d, split) if name in ('mnist', 'fashion_mnist')
                else load_cifar(d, split, info.num_classes))
         break
+      except DataCorruptError:
+        raise  # a damaged file is not "absent": say so instead of trying the next folder
       except DataNotFoundError as e:
         errors.append(str(e))
     if out is None:
@@ -259,8 +289,13 @@ def load(name: str, split: str, data_dir: Optional[str] = None,
   else:
     raise ValueError(f'data.backend must be "files" or "tfds", got {backend!r}.')
   if out.images.shape[1:] != info.image_shape:
-    raise DataNotFoundError(f'{name} {split}: images have shape {out.images.shape[1:]}, '
-                            f'expected {info.image_shape}.')
+    raise DataCorruptError(f'{name} {split}: images have shape {out.images.shape[1:]}, '
+                           f'expected {info.image_shape}: these files hold another dataset; '
+                           f'point data.dir at {name} files or set data.name to their dataset.')
+  if len(out.labels) and (out.labels.min() < 0 or out.labels.max() >= info.num_classes):
+    raise DataCorruptError(f'{name} {split}: labels span {out.labels.min()}..{out.labels.max()}, '
+                           f'outside its {info.num_classes} classes: these files hold another '
+                           f'dataset or are damaged. {_REPLACE}')
   return out
 
 

@@ -90,7 +90,10 @@ class MetricWriter:
       return
     rows = read_metrics(self.path)
     keep = [r for r in rows if r.get('step', 0) <= step]
-    if len(keep) != len(rows):
+    with open(self.path, 'rb') as f:  # a line cut short by a kill: rewrite without it
+      size = f.seek(0, os.SEEK_END)
+      torn = size > 0 and f.seek(size - 1) >= 0 and f.read(1) != b'\n'
+    if len(keep) != len(rows) or torn:
       self._f.close()
       tmp = self.path + '.tmp'
       with open(tmp, 'w', encoding='utf-8') as f:
@@ -125,9 +128,19 @@ class MetricWriter:
 
 
 def read_metrics(path: str) -> list:
-  """Reads a metrics.jsonl file back as a list of dicts."""
+  """Reads a metrics.jsonl file back as a list of dicts. A last line cut short
+  (the process was killed while writing it) is dropped; damage elsewhere raises."""
   with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  rows = []
+  for i, line in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except ValueError:
+      if i + 1 < len(lines) or line.endswith('\n'):
+        raise ValueError(f'{path}: line {i + 1} is not JSON ({line[:80]!r}); the file is '
+                         'damaged: delete that line (or the file, to restart the log).') from None
+  return rows
 
 
 def class_grid(images: np.ndarray, targets: np.ndarray, num_classes: int,

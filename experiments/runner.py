@@ -18,11 +18,13 @@ from absl import logging
 from tqdm import tqdm
 
 from cmi_jax import data, distill, models, parallel, report
+from cmi_jax.errors import ConfigError
 from cmi_jax.checkpoint import Checkpointer, abstract
 from cmi_jax.state import cosine_per_epoch, create_classifier_state, rng_stream, sgd
 from cmi_jax.synthesis import algorithms, gan, presets
 from cmi_jax.synthesis.cmi import LossWeights, SynthesisConfig
 from cmi_jax.teacher import Teacher
+from experiments import guard
 from experiments.plan import compile_plan
 
 
@@ -30,7 +32,16 @@ from experiments.plan import compile_plan
 
 def validate(cfg) -> None:
   """Checks the config before anything is loaded or compiled; each error names
-  the field, its value and the fix."""
+  the field, its value and the fix (a ConfigError: the CLI prints it alone)."""
+  try:
+    _validate(cfg)
+  except ConfigError:
+    raise
+  except ValueError as e:  # unknown dataset or method, SynthesisConfig.validate: config values
+    raise ConfigError(str(e)) from e
+
+
+def _validate(cfg) -> None:
   def bad(field, value, must):
     raise ValueError(f'config.{field}={value!r} is invalid: {must}.')
 
@@ -141,6 +152,8 @@ def load_test_split(cfg) -> Optional[data.Split]:
   """The real test split for evaluation, or None (training is data-free)."""
   try:
     split = data.load(cfg.data.name, 'test', cfg.data.dir or None, cfg.data.backend)
+  except data.DataCorruptError:
+    raise  # a damaged file must be replaced, not silently skipped
   except data.DataNotFoundError as e:
     print(f'Evaluation is off: {e}')
     return None
@@ -231,9 +244,15 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
 
 def _run(cfg, workdir: str, cleanup: contextlib.ExitStack, stop_signal: StopSignal
          ) -> Dict[str, Any]:
+  guard.phase('setup')
   validate(cfg)
+  # Before anything loads or compiles: a writable workdir, and no silent continuation of
+  # another config's or teacher's run (experiments/guard.py).
+  guard.check_workdir(workdir)
+  guard.check_resume(cfg, workdir, guard.teacher_hash(cfg.teacher.checkpoint),
+                     write=parallel.is_main_process())
   if jax.process_count() > 1 and cfg.mesh.num_devices not in (0, jax.device_count()):
-    raise ValueError(f'config.mesh.num_devices={cfg.mesh.num_devices} is invalid: a multi-host '
+    raise ConfigError(f'config.mesh.num_devices={cfg.mesh.num_devices} is invalid: a multi-host '
                      f'run uses all {jax.device_count()} devices; set 0.')
   info = data.get_info(cfg.data.name)
   mesh = parallel.make_mesh(cfg.mesh.num_devices)
@@ -243,8 +262,11 @@ def _run(cfg, workdir: str, cleanup: contextlib.ExitStack, stop_signal: StopSign
   pre_synth = dataclasses.replace(synth, g_loops=cfg.kd.pre_loops or synth.g_loops,
                                   weights=dataclasses.replace(
                                       synth.weights, adv=cfg.kd.pre_adv, oh=cfg.kd.pre_oh))
-  parallel.check_divisible(mesh, **{'synthesis.batch_size': synth.batch_size,
-                                   'kd.batch_size': cfg.kd.batch_size})
+  try:
+    parallel.check_divisible(mesh, **{'synthesis.batch_size': synth.batch_size,
+                                     'kd.batch_size': cfg.kd.batch_size})
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   teacher = parallel.replicate(mesh, load_teacher(cfg, info, synth.compute_dtype))
   student_module = models.get(cfg.student.arch, info.num_classes, dtype=synth.compute_dtype)
   test = load_test_split(cfg)
@@ -282,6 +304,7 @@ def _run(cfg, workdir: str, cleanup: contextlib.ExitStack, stop_signal: StopSign
   writer.truncate_after(meta['round'])  # rows a crashed run wrote after its last checkpoint
   writer.write_json('config.json', cfg.to_dict())
 
+  guard.phase('compile')
   fns = compile_plan(mesh, synth, pre_synth, kd_cfg, fresh)
   eval_fn = distill.make_eval_fn(student_module.apply, info.mean, info.std)
   if test is not None and meta['teacher_accuracy'] is None:
@@ -301,23 +324,33 @@ def _run(cfg, workdir: str, cleanup: contextlib.ExitStack, stop_signal: StopSign
   for r in range(start, plan.total_rounds):
     row: Dict[str, Any] = {'round': r + 1}
     bar.set_description(f'{cfg.method} round {r + 1}: synthesis')
+    guard.phase('synthesis', r + 1)
     student = Teacher(student_module, {'params': state['student'].params,
                                        'batch_stats': state['student'].batch_stats})
     # 1. Synthesis.
     if fresh:
-      state['generator'], m = fns.gan_round(teacher, student, state['generator'],
-                                            jax.random.fold_in(synth_key, r))
+      state['generator'], m, retries, ok = guard.run_round(
+          lambda s, k: fns.gan_round(teacher, student, s, k), state['generator'],
+          jax.random.fold_in(synth_key, r), cfg.faults.round_retries, lambda m: m,
+          f'Round {r + 1}')
       images = targets = None
     else:
       pre = r < plan.pre_rounds
       round_fn = fns.pre_round if pre else fns.round
-      state['synth'], out = round_fn(teacher, student, state['synth'],
-                                     jax.random.fold_in(pre_key if pre else synth_key, r))
+      # A round whose best loss is not finite is retried with a fresh key, then skipped.
+      state['synth'], out, retries, ok = guard.run_round(
+          lambda s, k: round_fn(teacher, student, s, k), state['synth'],
+          jax.random.fold_in(pre_key if pre else synth_key, r), cfg.faults.round_retries,
+          lambda o: o.metrics, f'Round {r + 1}')
       m, images, targets = out.metrics, out.images, out.targets
+      if not ok:
+        images = targets = None  # no grid of a skipped round
     row.update(_synthesis_row(m))
+    row['synthesis_retries'], row['synthesis_skipped'] = retries, int(not ok)
     # 2. KD on the pool (or fresh samples), in chunks for the progress bar.
-    if r >= plan.pre_rounds:
-      bar.set_description(f'{cfg.method} round {r + 1}: KD')
+    if r >= plan.pre_rounds and (fresh or int(state['synth'].pool.count) > 0):
+      bar.set_description(f'{cfg.method} round {r + 1}: KD')  # (an empty pool: first round skipped)
+      guard.phase('kd', r + 1)
       source = (gan.FreshSource(state['generator'], synth.nz) if fresh else state['synth'].pool)
       kd_rows = []
       done = 0
@@ -334,6 +367,7 @@ def _run(cfg, workdir: str, cleanup: contextlib.ExitStack, stop_signal: StopSign
     # 3. Evaluation at epoch ends.
     if plan.ends_epoch(r):
       bar.set_description(f'{cfg.method} round {r + 1}: eval')
+      guard.phase('eval', r + 1)
       row['epoch'] = plan.epoch_of(r) + 1
       if fresh:
         images, targets = preview(teacher, state['generator'], jax.random.fold_in(synth_key, r))
@@ -345,6 +379,7 @@ def _run(cfg, workdir: str, cleanup: contextlib.ExitStack, stop_signal: StopSign
         row['student_accuracy'], row['student_test_loss'] = ev['accuracy'], ev['loss']
         row['eval_s'] = time.time() - t_eval  # inside elapsed_s; time-to-accuracy subtracts it
       history.append({k: row[k] for k in ('round', 'epoch', 'student_accuracy') if k in row})
+    guard.phase('log', r + 1)
     row['elapsed_s'] = time.time() - t0
     writer.write_scalars(r + 1, row)
     grid_due = (r + 1) % cfg.log.grid_every_rounds == 0 or fresh
@@ -368,7 +403,9 @@ def _run(cfg, workdir: str, cleanup: contextlib.ExitStack, stop_signal: StopSign
     if plan.checkpoint_due(r, cfg.log.checkpoint_every_rounds) or stop:
       meta = {'round': r + 1, 'history': history,
               'teacher_accuracy': meta['teacher_accuracy']}
+      guard.phase('checkpoint', r + 1)
       ckpt.save(r + 1, state, meta)
+      guard.phase('plots', r + 1)
     if plan.ends_epoch(r) and not last:  # the end of the run plots after the summary
       _plots(workdir, writer)
     if stop:
@@ -385,7 +422,9 @@ def _run(cfg, workdir: str, cleanup: contextlib.ExitStack, stop_signal: StopSign
       return {'stopped_at_round': r + 1, 'workdir': os.path.abspath(workdir)}
   bar.close()
 
+  guard.phase('summary')
   summary = _summary(cfg, plan, history, meta, workdir, time.time() - t0)
+  summary.update(guard.fault_counts(writer.path))  # retried / skipped non-finite rounds
   writer.write_json('summary.json', summary)
   _plots(workdir, writer)
   writer.close()

@@ -149,4 +149,5 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('config')
-  app.run(main)
+  from cmi_jax import errors  # pylint: disable=g-import-not-at-top
+  app.run(errors.main_guard(main), flags_parser=errors.parse_flags)  # user errors: one line

@@ -1,0 +1,390 @@
+"""Fault tolerance (issue 13): bad input refused before anything compiles, mixed-up
+runs refused, non-finite rounds retried then skipped, NaN teachers refused,
+torn metric logs, corrupt checkpoints, failed saves, and the kill -9 loop.
+
+Runs are the tiny Fashion-MNIST config of tests/test_run.py (random teacher,
+batch 8, 2 generator steps, 2 KD steps per round) with the persistent
+compilation cache; most checks stop before compilation and take well under a second.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cmi_jax import data, errors, models, report, teacher_io
+from cmi_jax.synthesis import cmi
+from cmi_jax.teacher import Teacher
+from experiments import guard, runner
+from tests.helpers import ROOT, random_variables, subprocess_env
+from tests.test_run import tiny_config
+
+pytestmark = pytest.mark.usefixtures('compilation_cache')
+
+
+def _teacher_dir(root, name='t', arch='wrn_16_1', num_classes=10, input_shape=(28, 28, 1),
+                 seed=0, poison=None):
+  """A saved teacher directory with random weights (poison: (collection path, value))."""
+  module = models.get(arch, num_classes)
+  variables = random_variables(module, (1,) + tuple(input_shape), seed=seed)
+  if poison is not None:
+    (coll, *keys), value = poison
+    leaf = variables[coll]
+    for k in keys[:-1]:
+      leaf = leaf[k]
+    leaf[keys[-1]] = leaf[keys[-1]].at[0].set(value)
+  return str(teacher_io.save_teacher(os.path.join(root, name), arch=arch,
+                                     num_classes=num_classes, input_shape=input_shape,
+                                     variables=variables))
+
+
+def _fails_fast(cfg, workdir, exc, *patterns, limit_s=10.0):
+  """runner.run raises `exc` (a UserError) whose message holds every pattern,
+  within `limit_s` seconds and before any checkpoint is written."""
+  t = time.perf_counter()
+  with pytest.raises(exc) as e:
+    runner.run(cfg, str(workdir))
+  assert time.perf_counter() - t < limit_s
+  assert isinstance(e.value, errors.UserError)
+  for p in patterns:
+    assert p in str(e.value), (p, str(e.value))
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints', '1'))
+  return str(e.value)
+
+
+# ---------------------------------------------------------------- 6. bad input
+
+def test_teacher_class_count_differs_from_dataset(tmp_path):
+  cfg = tiny_config()
+  cfg.teacher.arch, cfg.teacher.checkpoint = 'wrn_16_1', _teacher_dir(tmp_path, num_classes=100)
+  _fails_fast(cfg, tmp_path / 'run', errors.TeacherError, 'num_classes=10 was requested',
+              'num_classes=100', 'config.data.name')
+
+
+def test_teacher_input_shape_differs_from_dataset(tmp_path):
+  cfg = tiny_config()
+  cfg.teacher.arch = 'wrn_16_1'
+  cfg.teacher.checkpoint = _teacher_dir(tmp_path, input_shape=(32, 32, 3))
+  _fails_fast(cfg, tmp_path / 'run', errors.TeacherError, 'input_shape=(28, 28, 1)',
+              'input_shape=(32, 32, 3)')
+  cfg.teacher.arch = 'wrn_16_2'  # the arch differs from the card's too
+  cfg.teacher.checkpoint = _teacher_dir(tmp_path, name='t2')
+  _fails_fast(cfg, tmp_path / 'run', errors.TeacherError, "arch='wrn_16_2'", "arch='wrn_16_1'")
+
+
+def test_teacher_card_missing_or_edited(tmp_path):
+  path = _teacher_dir(tmp_path)
+  card = os.path.join(path, teacher_io.CARD_FILE)
+  original = open(card).read()
+  edits = {  # card text -> words the error must contain
+      json.dumps(dict(json.loads(original), num_classes=100)):
+          ['params/fc/kernel: card implies (64, 100), saved (64, 10)', 'edited'],
+      json.dumps(dict(json.loads(original), arch='wrn_16_2')): ['card implies', 'wrn_16_2'],
+      json.dumps(dict(json.loads(original), input_shape=[28, 28, 3])):
+          ['params/conv1/kernel: card implies (3, 3, 3, 16), saved (3, 3, 1, 16)'],
+      json.dumps(dict(json.loads(original), arch='wrn_99')): ["arch='wrn_99'", 'wrn_16_1'],
+      json.dumps(dict(json.loads(original), num_classes='ten')): ["num_classes='ten'"],
+      original[:30]: ['not valid JSON', 'convert_teacher.py'],
+      json.dumps({'arch': 'wrn_16_1'}): ["lacks ['num_classes', 'input_shape']"],
+  }
+  for text, words in edits.items():
+    with open(card, 'w') as f:
+      f.write(text)
+    with pytest.raises(errors.TeacherError) as e:
+      teacher_io.load_teacher(path)
+    for w in words:
+      assert w in str(e.value), (w, str(e.value))
+  os.remove(card)
+  with pytest.raises(errors.TeacherNotFoundError, match='Incomplete teacher directory'):
+    teacher_io.load_teacher(path)
+  # Damaged weights (an array file cut short) are refused with the folder named.
+  with open(card, 'w') as f:
+    f.write(original)
+  teacher_io.load_teacher(path)  # intact again
+  data_dir = os.path.join(path, 'variables', 'd')
+  for name in os.listdir(data_dir):
+    with open(os.path.join(data_dir, name), 'r+b') as f:
+      f.truncate(10)
+  with pytest.raises(errors.TeacherError, match='damaged'):
+    teacher_io.load_teacher(path)
+
+
+def test_teacher_with_nonfinite_weights_is_refused(tmp_path):
+  for value, word in ((np.nan, '1 NaN, 0 inf'), (np.inf, '0 NaN, 1 inf')):
+    path = _teacher_dir(tmp_path, name=f't{word[0]}',
+                        poison=(('batch_stats', 'block2', 'layer', '0', 'bn1', 'var'), value))
+    with pytest.raises(errors.TeacherError) as e:
+      teacher_io.load_teacher(path)
+    assert 'batch_stats/block2/layer/0/bn1/var' in str(e.value) and word in str(e.value)
+    cfg = tiny_config()
+    cfg.teacher.arch, cfg.teacher.checkpoint = 'wrn_16_1', path
+    _fails_fast(cfg, tmp_path / 'run', errors.TeacherError, 'non-finite weights')
+
+
+def test_truncated_or_wrong_test_data_stops_the_run(tmp_path):
+  """A damaged test split is an error naming the file (not 'evaluation off')."""
+  cfg = tiny_config()
+  src = data.shipped_dirs(data.get_info('fashion_mnist'), 'test')[0]
+  d = tmp_path / 'fmnist'
+  d.mkdir()
+  raw = open(os.path.join(src, 't10k-images-idx3-ubyte.gz'), 'rb').read()
+  (d / 't10k-images-idx3-ubyte.gz').write_bytes(raw[:len(raw) // 2])  # truncated gzip
+  (d / 't10k-labels-idx1-ubyte.gz').write_bytes(
+      open(os.path.join(src, 't10k-labels-idx1-ubyte.gz'), 'rb').read())
+  cfg.data.dir = str(d)
+  _fails_fast(cfg, tmp_path / 'run', data.DataCorruptError, 't10k-images-idx3-ubyte.gz',
+              'truncated', 'data.dir')
+  # Uncompressed IDX whose body is shorter than its header says.
+  (d / 't10k-images-idx3-ubyte.gz').unlink()
+  header = bytes([0, 0, 8, 3]) + np.array([10, 28, 28], '>u4').tobytes()
+  (d / 't10k-images-idx3-ubyte').write_bytes(header + bytes(28 * 28 * 3))
+  _fails_fast(cfg, tmp_path / 'run', data.DataCorruptError, 'header says (10, 28, 28)',
+              'holds 2352')
+
+
+def test_cifar_pickle_wrong_size_or_truncated(tmp_path):
+  import pickle  # pylint: disable=g-import-not-at-top
+  d = tmp_path / 'cifar-10-batches-py'
+  d.mkdir()
+  with open(d / 'test_batch', 'wb') as f:
+    pickle.dump({'data': np.zeros((2, 3000), np.uint8), 'labels': [0, 1]}, f)
+  with pytest.raises(data.DataCorruptError, match='6000 bytes, not a whole number'):
+    data.load('cifar10', 'test', str(tmp_path))
+  with open(d / 'test_batch', 'wb') as f:
+    pickle.dump({'data': np.zeros((2, 3072), np.uint8), 'labels': [0, 1]}, f)
+  good = (d / 'test_batch').read_bytes()
+  assert data.load('cifar10', 'test', str(tmp_path)).images.shape == (2, 32, 32, 3)
+  (d / 'test_batch').write_bytes(good[:len(good) // 2])
+  with pytest.raises(data.DataCorruptError, match='truncated or damaged'):
+    data.load('cifar10', 'test', str(tmp_path))
+  with open(d / 'test_batch', 'wb') as f:
+    pickle.dump({'data': np.zeros((2, 3072), np.uint8), 'labels': [0, 10]}, f)
+  with pytest.raises(data.DataCorruptError, match=r'labels span 0\.\.10'):
+    data.load('cifar10', 'test', str(tmp_path))
+
+
+def test_unwritable_workdir(tmp_path):
+  (tmp_path / 'file').write_text('x')
+  cfg = tiny_config()
+  workdir = tmp_path / 'file' / 'run'  # a folder under a file: not creatable, even as root
+  _fails_fast(cfg, workdir, errors.WorkdirError, str(workdir), 'not writable', '--workdir')
+
+
+def _cli(*args, cache_dir):
+  return subprocess.run([sys.executable, '-m', 'experiments.run', *args],
+                        capture_output=True, text=True, cwd=ROOT, timeout=120,
+                        env=subprocess_env(cache_dir))
+
+
+@pytest.mark.parametrize('override, words', [
+    ('--config.kd.epochs=abc', ['--config.kd.epochs=abc', "'abc'"]),
+    ('--config.kd.epochs=1.5', ['--config.kd.epochs=1.5', "'1.5'"]),  # float for an int
+    ('--config.kd.foo=1', ['--config.kd.foo', 'does not have']),
+    ('--config.teacher.checkpoint=/nonexistent/t', ['teacher.checkpoint', '/nonexistent/t']),
+    ('--config.synthesis.batch_size=0', ['batch_size']),
+])
+def test_cli_prints_user_errors_as_one_line(tmp_path, cache_dir, override, words):
+  t = time.perf_counter()
+  p = _cli('--config=configs/fashion_mnist.py:quick', override, f'--workdir={tmp_path}/run',
+           cache_dir=cache_dir)
+  assert time.perf_counter() - t < 60
+  assert p.returncode == 2, p.stderr
+  assert 'Traceback' not in p.stderr
+  err = [line for line in p.stderr.splitlines() if line.startswith('error: ')]
+  assert len(err) == 1, p.stderr
+  for w in words:
+    assert w in err[0], (w, err[0])
+
+
+# ---------------------------------------------------------------- 2. mixed-up runs
+
+def _fake_checkpoint(workdir):
+  os.makedirs(os.path.join(workdir, 'checkpoints', '3'))
+
+
+def test_config_changes_on_resume():
+  saved = tiny_config().to_dict()
+  new = tiny_config()
+  new.kd.epochs += 3
+  new.log.stop_after_rounds, new.log.grid_every_rounds = 1, 5
+  new.data.eval_batch_size, new.mesh.num_devices = 16, 1
+  new.teacher.checkpoint = 'elsewhere'
+  assert guard.config_changes(saved, new.to_dict()) == []
+  new.synthesis.g_steps += 1
+  new.kd.lr = 0.5
+  new.kd.epochs = 1  # fewer epochs than saved: refused
+  new.synthesis.betas = (0.9, 0.999)
+  assert guard.config_changes(saved, new.to_dict()) == [
+      f'kd.epochs: {saved["kd"]["epochs"]!r} -> 1', "kd.lr: 0.1 -> 0.5",
+      'synthesis.betas: [0.5, 0.999] -> [0.9, 0.999]',
+      f'synthesis.g_steps: {saved["synthesis"]["g_steps"]} -> '
+      f'{saved["synthesis"]["g_steps"] + 1}']
+  # A field the saved config lacks (added by newer code) is not compared.
+  del saved['faults']
+  new2 = tiny_config()
+  new2.faults.round_retries = 7
+  assert guard.config_changes(saved, new2.to_dict()) == []
+
+
+def test_resume_with_another_config_or_teacher_is_refused(tmp_path):
+  workdir = str(tmp_path / 'run')
+  cfg = tiny_config()
+  cfg.teacher.arch, cfg.teacher.checkpoint = 'wrn_16_1', _teacher_dir(tmp_path, 'a', seed=0)
+  guard.check_resume(cfg, workdir, guard.teacher_hash(cfg.teacher.checkpoint))
+  _fake_checkpoint(workdir)
+  # The issue's case: g_steps changed between two invocations.
+  changed = cfg.copy_and_resolve_references()
+  changed.synthesis.g_steps = 3
+  msg = _fails_fast(changed, workdir, errors.WorkdirError, 'synthesis.g_steps: 2 -> 3',
+                    'another --workdir', '--config.faults.allow_config_change=True')
+  assert 'kd.epochs' in msg  # the list of fields that may change
+  # Another teacher (same architecture, other weights): refused by its content hash,
+  # though the path is the same.
+  other = _teacher_dir(tmp_path, 'b', seed=1)
+  assert teacher_io.content_hash(other) != teacher_io.content_hash(cfg.teacher.checkpoint)
+  with pytest.raises(errors.WorkdirError, match='teacher content'):
+    guard.check_resume(cfg, workdir, guard.teacher_hash(other))
+  # Safe changes pass and update the fingerprint; the override passes with a warning.
+  more = cfg.copy_and_resolve_references()
+  more.kd.epochs, more.log.stop_after_rounds = cfg.kd.epochs + 2, 1
+  guard.check_resume(more, workdir, guard.teacher_hash(cfg.teacher.checkpoint))
+  saved = json.load(open(os.path.join(workdir, guard.FINGERPRINT)))
+  assert saved['config']['kd']['epochs'] == cfg.kd.epochs + 2
+  changed.faults.allow_config_change = True
+  guard.check_resume(changed, workdir, guard.teacher_hash(cfg.teacher.checkpoint))
+  saved = json.load(open(os.path.join(workdir, guard.FINGERPRINT)))
+  assert saved['config']['synthesis']['g_steps'] == 3
+  # A workdir without a checkpoint is a fresh start: nothing to compare.
+  fresh = str(tmp_path / 'fresh')
+  guard.check_resume(cfg, fresh, 'x')
+  guard.check_resume(changed, fresh, 'y')
+
+
+# ---------------------------------------------------------------- 5. non-finite rounds
+
+class NaNWhere(nn.Module):
+  """A classifier whose logits are NaN for inputs whose top-left pixel (first
+  channel, normalized) exceeds `threshold`: a teacher that fails on some inputs."""
+  inner: nn.Module
+  threshold: float
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    logits = self.inner(x, train=train)
+    bad = x[:, 0, 0, 0] > self.threshold
+    return jnp.where(bad[:, None], jnp.nan, logits)
+
+
+def _tiny_round_setup(threshold):
+  cfg = cmi.SynthesisConfig(
+      image_shape=(8, 8, 1), num_classes=4, mean=(0.5,), std=(0.25,), batch_size=8,
+      g_steps=6, lr_g=0.05, lr_head=0.01, n_neg=12, head_dim=8, bank_size=24, pool_size=32,
+      nz=8, ngf=4).validate()
+  inner = models.get('wrn_16_1', 4)
+  v = random_variables(inner, (1, 8, 8, 1))
+  module = NaNWhere(inner, threshold)
+  teacher = Teacher(module, {'params': {'inner': v['params']},
+                             'batch_stats': {'inner': v['batch_stats']}})
+  return cfg, teacher
+
+
+ROUND = jax.jit(cmi.synthesis_round, static_argnums=0)
+
+
+def test_nan_for_some_inputs_never_reaches_the_pool():
+  """Steps whose teacher output is NaN change nothing; the kept iterate is the best
+  finite one; a round where every step is NaN writes nothing at all."""
+  cfg, teacher = _tiny_round_setup(threshold=0.1)
+  state = cmi.init_state(cfg, teacher, jax.random.key(1))
+  new, out = ROUND(cfg, teacher, None, state, jax.random.key(2))
+  loss = np.asarray(out.metrics['loss'])
+  finite = np.isfinite(loss)
+  assert finite.any() and not finite.all(), loss  # the injection hits some steps only
+  assert float(out.metrics['best_loss']) == loss[finite].min()
+  assert finite[int(out.metrics['best_step'])]
+  assert int(new.pool.count) == cfg.batch_size and int(new.bank.count) == cfg.batch_size
+  assert np.isfinite(np.asarray(new.bank.data)).all()
+  assert np.isfinite(np.asarray(out.images)).all()
+  # Every step NaN (threshold below any normalized pixel): nothing is written.
+  cfg2, bad_teacher = _tiny_round_setup(threshold=-1e9)
+  new2, out2 = ROUND(cfg2, bad_teacher, None, new, jax.random.key(3))
+  assert not np.isfinite(np.asarray(out2.metrics['loss'])).any()
+  assert not np.isfinite(float(out2.metrics['best_loss']))
+  for a, b in zip(jax.tree_util.tree_leaves((new.pool, new.bank, new.head.params)),
+                  jax.tree_util.tree_leaves((new2.pool, new2.bank, new2.head.params))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _poisoned(teacher):
+  """The same teacher with one BN's running variance at -1: sqrt of a negative
+  number, NaN for every input."""
+  vs = jax.tree_util.tree_map(lambda a: a, teacher.variables)
+  bn = vs['batch_stats']['block1']['layer']['0']['bn1']
+  bn['var'] = -jnp.ones_like(bn['var'])
+  return Teacher(teacher.module, vs)
+
+
+def _poison_rounds(monkeypatch, bad_calls):
+  """The runner's synthesis round sees a NaN teacher on the calls (1-based) in
+  `bad_calls`; returns the list of keys each call received."""
+  calls = []
+  original = runner.compile_plan
+
+  def compile_plan(*args, **kwargs):
+    steps = original(*args, **kwargs)
+    real = steps.round
+
+    def round_fn(teacher, student, state, key):
+      calls.append(np.asarray(jax.random.key_data(key)))
+      if len(calls) in bad_calls:
+        teacher = _poisoned(teacher)
+      return real(teacher, student, state, key)
+    steps.round = round_fn
+    return steps
+  monkeypatch.setattr(runner, 'compile_plan', compile_plan)
+  monkeypatch.setattr(runner, '_plots', lambda *args: None)
+  return calls
+
+
+def _run_one_epoch(tmp_path, retries):
+  cfg = tiny_config(epochs=1, rounds_per_epoch=2, num_devices=1)
+  cfg.faults.round_retries = retries
+  workdir = str(tmp_path / 'run')
+  summary = runner.run(cfg, workdir)
+  rows = report.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
+  return cfg, workdir, summary, rows
+
+
+def test_nonfinite_rounds_are_retried_then_skipped(tmp_path, monkeypatch, capsys):
+  """Round 1 sees a NaN teacher on all 3 attempts (skipped: nothing in the pool, so
+  no KD either); round 2 on its first attempt only (retried with a fresh key)."""
+  calls = _poison_rounds(monkeypatch, bad_calls={1, 2, 3, 4})
+  _, workdir, summary, rows = _run_one_epoch(tmp_path, retries=2)
+  assert len(calls) == 5
+  assert len({c.tobytes() for c in calls[:3]}) == 3  # each retry draws a fresh key
+  assert not np.array_equal(calls[3], calls[4])
+  assert [r['synthesis_retries'] for r in rows] == [2, 1]
+  assert [r['synthesis_skipped'] for r in rows] == [1, 0]
+  assert [r['pool_size'] for r in rows] == [0, 8]  # nothing of round 1 reached the pool
+  assert 'kd_loss' not in rows[0] and 'kd_loss' in rows[1]  # no KD on an empty pool
+  assert summary['synthesis_retries'] == 3 and summary['skipped_rounds'] == [1]
+  out = capsys.readouterr().out
+  assert 'Round 1: synthesis stayed non-finite after 2 retries; the round is skipped' in out
+  assert 'Round 2: non-finite synthesis, succeeded on retry 1' in out
+  state, _ = _checkpoint(workdir)
+  assert all(np.isfinite(a).all() for a in jax.tree_util.tree_leaves(state['student'])
+             if np.issubdtype(a.dtype, np.floating))
+  assert np.isfinite(state['synth']['bank']['data']).all()
+  assert int(state['synth']['pool']['count']) == 8
+
+
+def _checkpoint(workdir):
+  from tests.helpers import load_checkpoint  # pylint: disable=g-import-not-at-top
+  return load_checkpoint(workdir)
