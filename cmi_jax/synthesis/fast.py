@@ -217,5 +217,6 @@ def fast_round(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Teacher
   metrics['best_loss'] = best['loss']
   metrics['best_step'] = best['step']
   metrics['adv_on'] = adv_on
-  metrics['meta_grad_norm'] = optax.global_norm(meta_grad)
+  metrics['meta_grad_norm'] = jnp.sqrt(sum(jnp.sum(jnp.square(g))
+                                         for g in jax.tree_util.tree_leaves(meta_grad)))
   return new_state, RoundOutput(kept['x'], targets, metrics)

@@ -45,8 +45,9 @@ class BNEma(NamedTuple):
 
 def bn_ema_init(taps_spec: Sequence[BNTap]) -> BNEma:
   """An empty EMA shaped like the teacher's BN layers (e.g. from jax.eval_shape)."""
-  zeros = tuple(jnp.zeros(t.running_mean.shape, jnp.float32) for t in taps_spec)
-  return BNEma(zeros, zeros, jnp.zeros((), jnp.float32))
+  zeros = lambda: tuple(jnp.zeros(t.running_mean.shape, jnp.float32) for t in taps_spec)
+  # Separate buffers for mean and var: a jitted round may donate the state.
+  return BNEma(zeros(), zeros(), jnp.zeros((), jnp.float32))
 
 
 def batch_bn_stats(taps: Sequence[BNTap], rows: Optional[int] = None
