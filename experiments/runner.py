@@ -489,3 +489,18 @@ def maybe_initialize_distributed(cfg) -> None:
     raise ValueError(f'config.mesh.distributed={cfg.mesh.distributed!r} is invalid: must be '
                      f'one of {sorted(choices)}.')
   parallel.maybe_initialize_distributed(choices[cfg.mesh.distributed])
+
+
+def summary_line(summary, seconds: float) -> str:
+  """The run's one-line result: student and teacher accuracy, their ratio, and
+  where the image grids and plots are."""
+  def pct(v):
+    return 'n/a (no test data)' if v is None else f'{v:.2f}%'
+  def where(name):  # summary.json holds paths relative to the workdir
+    return os.path.join(summary['workdir'], name)
+  ratio = summary.get('student_teacher_ratio')
+  return (f'Done in {seconds:.0f} s: {summary["method"]} student {summary["student"]} '
+          f'{pct(summary["student_accuracy"])}, teacher {summary["teacher"]} '
+          f'{pct(summary["teacher_accuracy"])}, ratio '
+          f'{"n/a" if ratio is None else f"{ratio:.4f}"}; image grids in '
+          f'{where(summary["images_dir"])}, plots {", ".join(map(where, summary["plots"]))}')

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from cmi_jax import data
-from experiments import run
+from experiments import runner
 from tests.helpers import ROOT, subprocess_env
 
 SHIPPED = os.path.join(ROOT, 'cmi_jax', 'datasets', 'fashion_mnist')
@@ -76,12 +76,12 @@ def test_summary_line_format():
              'student_accuracy': 67.4123, 'teacher_accuracy': 93.77,
              'student_teacher_ratio': 67.4123 / 93.77, 'workdir': '/w', 'images_dir': 'images',
              'plots': ['accuracy.png', 'losses.png']}
-  assert run.summary_line(summary, 57.2) == (
+  assert runner.summary_line(summary, 57.2) == (
       'Done in 57 s: cmi student wrn_16_1 67.41%, teacher wrn_16_2 93.77%, ratio 0.7189; '
       'image grids in /w/images, plots /w/accuracy.png, /w/losses.png')
   summary.update(student_accuracy=None, teacher_accuracy=None, student_teacher_ratio=None)
   assert 'student wrn_16_1 n/a (no test data), teacher wrn_16_2 n/a (no test data), ratio n/a' \
-      in run.summary_line(summary, 1)
+      in runner.summary_line(summary, 1)
 
 
 def test_main_command_quick_prints_accuracies(tmp_path, cache_dir):
