@@ -115,3 +115,30 @@ def test_main_command_quick_prints_accuracies(tmp_path, cache_dir):
   assert [m[5], m[6]] == [str(workdir / p) for p in summary['plots']]
   assert summary['plots'] == ['accuracy.png', 'losses.png']
   assert all(os.path.exists(p) for p in (m[5], m[6]))
+
+
+def test_full_schedule_is_the_papers():
+  """configs/fashion_mnist.py:full: the paper's CIFAR schedule on the shipped teacher."""
+  from configs import fashion_mnist  # pylint: disable=import-outside-toplevel
+  from experiments import runner  # pylint: disable=import-outside-toplevel
+  c = fashion_mnist.get_config('full')
+  s, k = c.synthesis, c.kd
+  assert (c.teacher.arch, c.teacher.checkpoint, c.student.arch) == \
+      ('wrn_16_2', 'teachers/fashion_mnist_wrn_16_2', 'wrn_16_1')
+  assert (s.batch_size, s.ngf, s.n_neg, s.bank_size, s.pool_size, s.g_steps) == \
+      (256, 64, 4096, 40960, 51200, 200)
+  assert (k.kd_steps, k.ep_steps, k.batch_size, k.epochs) == (400, 400, 128, 60)
+  w = s.weights
+  assert (w.bn, w.oh, w.adv, w.cr, s.cr_temperature, k.temperature) == (1.0, 1.0, 0.5, 0.8, 0.1,
+                                                                         20.0)
+  assert c.log.checkpoint_every_rounds == 10
+  runner.validate(c)
+  plan = runner.Plan(k.pre_rounds, k.ep_steps // k.kd_steps, k.epochs, k.kd_steps)
+  assert plan.total_rounds == 60  # one round of 200 generator + 400 KD steps per epoch
+  # The CPU-sized main command is unchanged by the new argument.
+  m = fashion_mnist.get_config()
+  assert (m.synthesis.batch_size, m.synthesis.g_steps, m.kd.kd_steps, m.kd.epochs) == \
+      (64, 40, 60, 12)
+  # Another method keeps its preset's own schedule under :full too.
+  d = fashion_mnist.get_config('full,method=dfq')
+  assert d.kd.epochs == 60 and d.synthesis.batch_size == 256
