@@ -150,11 +150,12 @@ def build(teacher_path: str, method: str, num_images: int, batch_size: Optional[
                           mean=tuple(float(v) for v in mean) if mean else None,
                           std=tuple(float(v) for v in std) if std else None,
                           method=method, **kwargs)
-    # The pool keeps every image: whole rounds (of batch x loops images) up to num_images.
-    per_round = cfg.batch_size * max(getattr(cfg, 'g_loops', 1) if cfg.algorithm == 'nayer'
-                                     else 1, 1)
-    cfg = dataclasses.replace(cfg, pool_size=math.ceil(num_images / per_round) * per_round
-                              ).validate()
+    # The pool keeps every image: whole rounds (of batch x loops images for NAYER, whose
+    # round is an epoch of g_loops loops) up to num_images; a larger --set=pool_size stays.
+    per_round = cfg.batch_size * (max(cfg.g_loops, 1) if cfg.algorithm == 'nayer' else 1)
+    pool_size = max(math.ceil(num_images / per_round) * per_round,
+                    kwargs.get('pool_size', 0))
+    cfg = dataclasses.replace(cfg, pool_size=pool_size).validate()
   except (ValueError, TypeError) as e:
     _fail(f'Invalid synthesis settings: {e}')
   return Teacher(module, variables), cfg, dataset
@@ -208,6 +209,10 @@ def synthesize_dataset(teacher, cfg, num_images: int, out: str, seed: int = 0,
       state = result.state
       rounds_since_save += 1
       new = int(state.pool.count)
+      if new == state.pool.capacity and int(state.pool.index) != 0:  # wrapped: images lost
+        raise RuntimeError(f'algorithm {cfg.algorithm!r} added more images per round than '
+                           f'expected; the pool of {state.pool.capacity} overflowed. Set '
+                           '--set=pool_size=<num_images + images per round>.')
       bar.update(min(new, num_images) - min(count, num_images))
       count = new
       if 'loss' in result.metrics[0]:
