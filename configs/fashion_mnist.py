@@ -17,7 +17,7 @@ seconds-long smoke run. A baseline keeps its preset's own per-round schedule
 GPU with a second run; teacher 93.77%; see the README's GPU section for the CPU time).
 """
 
-from configs.common import apply_quick, base_config, parse_arg
+from configs.common import apply_quick, base_config, keep_all_pool_size, parse_arg
 
 
 def get_config(arg=None):
@@ -50,6 +50,15 @@ def get_config(arg=None):
     for key, value in values.items():
       if key not in preset.get(sec, {}):
         c[sec][key] = value
+  if c.synthesis.algorithm == 'nayer' and not a['full']:
+    # NAYER at CPU size with the authors' structure (a longer warm-up round, 2 loops per
+    # epoch, periodic generator reset, every loop's images kept): batch 60 = 6 noisy
+    # layers x 10 classes, 20 steps per loop, 2 warm-up rounds of 5 loops, 12 KD epochs
+    # of 60 steps at batch 64, a fresh generator every 5 rounds.
+    s.batch_size, s.g_steps, s.g_life, s.adv_start_round = 60, 20, 5, 2
+    k.batch_size, k.kd_steps, k.ep_steps, k.epochs = 64, 60, 60, 12
+    k.pre_rounds, k.pre_loops = 2, 5
+    s.pool_size = keep_all_pool_size(c)
   if a['quick']:
     apply_quick(c)
   return c

@@ -115,7 +115,7 @@ class NLGenerator(nn.Module):
   ceil(B / chunk) of them (the last chunk may be short) -> Linear(le_emb_size ->
   2*ngf*(S/4)^2), no activation between -> the CMI conv trunk -> sigmoid.
 
-  The noisy layers are params 'noisy' {'kernel': [nle, E, L], 'bias': [nle, L]}
+  The noisy layers are params 'le1' {'kernel': [nle, E, L], 'bias': [nle, L]}
   initialised W ~ N(0, 1), b = 0 (the reference's `re_init_le`, redone every
   loop with `reinit_noisy`); everything else takes PyTorch's default init.
   """
@@ -135,17 +135,15 @@ class NLGenerator(nn.Module):
   def __call__(self, emb, train: bool = True):
     if self.img_size % 4:
       raise ValueError(f'NLGenerator img_size must be a multiple of 4, got {self.img_size}.')
-    b, e = emb.shape
+    b = emb.shape[0]
     if b != self.batch_size:
       raise ValueError(f'NLGenerator was built for batch_size={self.batch_size} (its number of '
                        f'noisy layers depends on it); got a batch of {b}.')
     # BatchNorm1d over the batch: the shared BN layer on a [B, 1, 1, E] view.
     h = BatchNorm(axis_name=None, name='n1')(emb.astype(jnp.float32)[:, None, None, :], train)
     h = h[:, 0, 0, :]
-    nle, l = self.num_noisy, self.le_emb_size
-    kernel = self.param('noisy_kernel', nn.initializers.normal(1.0), (nle, e, l), jnp.float32)
-    bias = self.param('noisy_bias', nn.initializers.zeros, (nle, l), jnp.float32)
-    h = chunked_linear(h, kernel, bias, self.chunk)
+    l = self.le_emb_size
+    h = NoisyLayers(self.num_noisy, self.chunk, l, name='le1')(h)
     s = self.img_size // 4
     width = 2 * self.ngf
     h = nn.Dense(width * s * s, kernel_init=torch_default_init, bias_init=_torch_bias_init(l),
@@ -154,6 +152,20 @@ class NLGenerator(nn.Module):
     h = h.reshape(b, width, s, s).transpose(0, 2, 3, 1)
     return _Blocks(width, self.nc, False, self.dtype, None, torch_init=True,
                    name='conv_blocks')(h, train)
+
+
+class NoisyLayers(nn.Module):
+  """`num` Linear(E -> features) layers, layer i applied to rows [i*chunk, (i+1)*chunk)."""
+  num: int
+  chunk: int
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', nn.initializers.normal(1.0),
+                        (self.num, x.shape[-1], self.features), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (self.num, self.features), jnp.float32)
+    return chunked_linear(x, kernel, bias, self.chunk)
 
 
 def chunked_linear(x: jax.Array, kernel: jax.Array, bias: jax.Array, chunk: int) -> jax.Array:
@@ -175,6 +187,6 @@ def chunked_linear(x: jax.Array, kernel: jax.Array, bias: jax.Array, chunk: int)
 def reinit_noisy(params, rng: jax.Array):
   """NLGenerator params with fresh noisy layers: W ~ N(0, 1), b = 0 (`re_init_le`)."""
   out = dict(params)
-  out['noisy_kernel'] = jax.random.normal(rng, params['noisy_kernel'].shape, jnp.float32)
-  out['noisy_bias'] = jnp.zeros_like(params['noisy_bias'])
+  out['le1'] = {'kernel': jax.random.normal(rng, params['le1']['kernel'].shape, jnp.float32),
+                'bias': jnp.zeros_like(params['le1']['bias'])}
   return out

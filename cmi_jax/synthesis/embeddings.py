@@ -104,13 +104,14 @@ def label_embeddings(cfg: Any, teacher: Teacher, rng: jax.Array) -> jax.Array:
   if src == 'classifier':
     return classifier_rows(teacher, c)
   if src == 'penultimate':
-    k_g, k_z = jax.random.split(rng)
-    gen = cfg.make_generator()
-    z = jax.random.normal(k_z, (cfg.batch_size, cfg.nz), jnp.float32)
-    variables = gen.init(k_g, z)
-    x, _ = gen.apply(variables, z, train=True, mutable=['batch_stats'])
-    x = augment.normalize(x.astype(jnp.float32), cfg.mean, cfg.std)
-    return penultimate_means(teacher, x, c)
+    def first_batch_means(teacher, rng):
+      k_g, k_z = jax.random.split(rng)
+      gen = cfg.make_generator()
+      z = jax.random.normal(k_z, (cfg.batch_size, cfg.nz), jnp.float32)
+      x, _ = gen.apply(gen.init(k_g, z), z, train=True, mutable=['batch_stats'])
+      x = augment.normalize(x.astype(jnp.float32), cfg.mean, cfg.std)
+      return penultimate_means(teacher, x, c)
+    return jax.jit(first_batch_means)(teacher, rng)
   if src == 'random':
     return jax.random.normal(rng, (c, RANDOM_WIDTH), jnp.float32)
   if src == 'onehot':

@@ -102,8 +102,10 @@ def nayer_round(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Teache
       (BN over the whole batch, noisy-layer chunks by global sample index) is
       the same with or without it.
   Returns:
-    (new state, RoundOutput of the last loop's kept images and targets, with
-    per-step metrics concatenated over loops and 'best_loss' of the last loop).
+    (new state, RoundOutput with every loop's kept images and targets
+    ([loops * B, ...], what the pool received, in its order; a non-finite loop's
+    rows are zeros and were not written), per-step metrics concatenated over
+    loops ([loops * g_steps]), 'best_loss' of the last loop, 'loops_kept').
   """
   b, c = cfg.batch_size, cfg.num_classes
   loops = cfg.g_loops
@@ -194,6 +196,9 @@ def nayer_round(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Teache
   metrics['best_step'] = last['best_step']
   metrics['loops_kept'] = jnp.sum(jnp.isfinite(outs['best_loss'])).astype(jnp.int32)
   metrics['generator_reset'] = reset.astype(jnp.int32)
-  return new_state, RoundOutput(constrain(last['x'], data_sharding),
-                                constrain(last['y'], data_sharding), metrics)
+  # Every loop's kept batch, in pool order: [loops * B, ...].
+  images = outs['x'].reshape((loops * b,) + tuple(cfg.image_shape))
+  kept = outs['y'].reshape(loops * b)
+  return new_state, RoundOutput(constrain(images, data_sharding), constrain(kept, data_sharding),
+                                metrics)
 
