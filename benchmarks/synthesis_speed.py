@@ -1,136 +1,386 @@
-"""Synthesis speed: time per CMI iteration vs. the work it cannot avoid.
+"""Synthesis and KD speed on the CPU, cmi_jax side by side with PyTorch.
 
-  python -m benchmarks.synthesis_speed            # full grid (a few minutes on 2 CPU cores)
-  python -m benchmarks.synthesis_speed --quick    # one small setting
+  python -m benchmarks.synthesis_speed                      # every setting (~30 min, 2 cores)
+  python -m benchmarks.synthesis_speed --settings=32x32x3_b64,kd_b128
+  python -m benchmarks.synthesis_speed --quick              # seconds-long smoke run
 
-For teacher wrn_16_2 -> student wrn_16_1 at 32x32x3 and 28x28x1, batch 256 and
-64, it times (median of repeats, after compilation):
-  * one iteration of the compiled round (round time / g_steps);
-  * the parts alone: generator forward+backward (params and z), teacher
-    forward+input-gradient on both views (2B images, with the BN taps),
-    student forward on the global view;
-and reports ratio = iteration / sum(parts) (goal <= 1.3), the round's compile
-time, XLA's memory analysis of the compiled round, and the process's peak RSS.
-Writes benchmarks/results/synthesis_speed.json.
+Teacher wrn_16_2 -> student wrn_16_1, random weights, the memory bank holding
+n_neg=4096 negatives. Both implementations run in ONE process, interleaved
+(jax, torch, jax, torch ...), so a shared machine's drift hits both alike.
+  * synthesis iteration: (round of `--long` iterations - round of `--short`
+    iterations) / (long - short), from the medians over `--repeats`; the
+    per-round costs (generator re-init, bank and pool writes) cancel.
+    32x32x3 and 28x28x1, synthesis batch 256 and 64.
+  * KD step at batch 128 (32x32x3): the same difference of a long and a short
+    run of steps.
+The PyTorch side is benchmarks/torch_baseline.py (eager, the reference's
+algorithm); it is skipped when torch is not installed. ratio = cmi_jax / torch
+(< 1: cmi_jax faster).
+
+Profile: one long cmi_jax round runs under the JAX profiler; every executed
+HLO instruction's time (the CPU runtime records one event per instruction) is
+summed per op family, from the compiled HLO: conv fwd, conv input-grad, conv
+filter-grad (XLA's own backward convolutions, or the explicit-gradient
+matmuls of cmi_jax.models.layers), matmul (every other dot), elementwise/other.
+Rows are merged into benchmarks/results/synthesis_speed.json by setting name,
+so the grid can be run in pieces.
 """
 
 import argparse
+import collections
+import json
 import os
-import resource
+import re
 import statistics
 import time
+from typing import Callable, Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 
 from benchmarks.common import RESULTS, machine_info, write_result
 from cmi_jax import models
-from cmi_jax.synthesis.bank import ring_add
+from cmi_jax.distill import KDConfig, kd_steps
+from cmi_jax.state import create_classifier_state, sgd
+from cmi_jax.synthesis.bank import ring_add, ring_init
 from cmi_jax.synthesis.cmi import SynthesisConfig, init_state, synthesis_round
 from cmi_jax.teacher import Teacher
 
+TEACHER, STUDENT = 'wrn_16_2', 'wrn_16_1'
+SETTINGS = {  # name: (image shape, batch); 'kd' rows time the KD step
+    '32x32x3_b256': ((32, 32, 3), 256),
+    '32x32x3_b64': ((32, 32, 3), 64),
+    '28x28x1_b256': ((28, 28, 1), 256),
+    '28x28x1_b64': ((28, 28, 1), 64),
+    'kd_b128': ((32, 32, 3), 128),
+}
+QUICK = {'quick_16x16x3_b8': ((16, 16, 3), 8), 'quick_kd_b8': ((16, 16, 3), 8)}
+FAMILIES = ('conv_fwd', 'conv_input_grad', 'conv_filter_grad', 'matmul', 'elementwise_other')
 
 
-def _median_time(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile + warm up
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+def _torch():
+  """torch and the baseline module, or (None, None) without the [torch] extra."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    from benchmarks import torch_baseline  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None, None
+  return torch, torch_baseline
 
 
-def bench(shape, batch: int, g_steps: int, repeats: int) -> dict:
-  h, w, c = shape
-  key = jax.random.key(0)
-  t_mod, s_mod = models.get('wrn_16_2', 10), models.get('wrn_16_1', 10)
+# ----------------------------------------------------------------------------
+# Profile: executed time per op family
+# ----------------------------------------------------------------------------
+
+_INSTR = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (.*?) (\w[\w\-]*)\((.*)$')
+
+
+def _parse_hlo(text: str):
+  """{computation: [(name, opcode, rest-of-line)]} and {instruction: computation}."""
+  comps, owner, current = {}, {}, None
+  for line in text.splitlines():
+    head = re.match(r'^(?:ENTRY )?%([\w.\-]+) .*\{$', line)
+    if head:
+      current = head.group(1)
+      comps[current] = []
+      continue
+    m = _INSTR.match(line)
+    if m and current is not None:
+      comps[current].append((m.group(1), m.group(3), m.group(4)))
+      owner[m.group(1)] = current
+  return comps, owner
+
+
+def _op_name(rest: str) -> str:
+  """The JAX-level name of an HLO instruction (its op_name metadata), shortened."""
+  name = re.search(r'op_name="([^"]*)"', rest)
+  return name.group(1).split('/', 1)[-1][-120:] if name else ''
+
+
+def _conv_family(rest: str) -> str:
+  """Family of one HLO convolution: by its name scope (cmi_jax's explicit
+  gradients) or its layout (XLA's own: the filter gradient writes a kernel,
+  the input gradient runs under transpose())."""
+  name = re.search(r'op_name="([^"]*)"', rest)
+  name = name.group(1) if name else ''
+  if 'conv_filter_grad' in name:
+    return 'conv_filter_grad'
+  if 'conv_input_grad' in name:
+    return 'conv_input_grad'
+  labels = re.search(r'dim_labels=\w+_\w+->(\w+)', rest)
+  if labels and not labels.group(1).startswith('b'):
+    return 'conv_filter_grad'
+  return 'conv_input_grad' if 'transpose(' in name else 'conv_fwd'
+
+
+def _dot_family(rest: str) -> str:
+  name = re.search(r'op_name="([^"]*)"', rest)
+  return 'conv_filter_grad' if name and 'conv_filter_grad' in name.group(1) else 'matmul'
+
+
+def _classify(comps, calls_of: Dict[str, List[str]], name: str, opcode: str, rest: str,
+              seen=None) -> str:
+  if opcode == 'convolution':
+    return _conv_family(rest)
+  if opcode == 'dot':
+    return _dot_family(rest)
+  if opcode in ('fusion', 'call', 'custom-call'):
+    seen = seen or set()
+    found = []
+    for comp in calls_of.get(name, []):
+      if comp in seen:
+        continue
+      seen.add(comp)
+      for n, op, r in comps.get(comp, []):
+        fam = _classify(comps, calls_of, n, op, r, seen)
+        if fam != 'elementwise_other':
+          found.append(fam)
+    for fam in FAMILIES:  # a fused conv wins over a fused dot
+      if fam in found:
+        return fam
+  return 'elementwise_other'
+
+
+def profile_families(compiled, run: Callable[[], None], top_ops: int = 12) -> dict:
+  """Runs `run` once under the profiler; sums executed HLO time per family."""
+  from jax.profiler import ProfileSession  # pylint: disable=import-outside-toplevel
+  comps, _ = _parse_hlo(compiled.as_text())
+  info, calls_of = {}, {}
+  for instrs in comps.values():
+    for name, opcode, rest in instrs:
+      info[name] = (opcode, rest)
+      calls_of[name] = re.findall(r'(?:calls|to_apply)=%([\w.\-]+)', rest)
+  session = ProfileSession()
+  session.start()
+  t = time.perf_counter()
+  run()
+  wall = time.perf_counter() - t
+  data = session.stop()
+  total, per_op = collections.Counter(), collections.Counter()
+  for plane in data.planes:
+    for line in plane.lines:
+      for ev in line.events:
+        stats = dict(ev.stats)
+        op = stats.get('hlo_op')
+        if op is None or op not in info:
+          continue
+        opcode, rest = info[op]
+        if opcode in ('while', 'conditional', 'call'):  # containers: their body ops count
+          continue
+        fam = _classify(comps, calls_of, op, opcode, rest)
+        total[fam] += ev.duration_ns * 1e-9
+        per_op[(op, fam)] += ev.duration_ns * 1e-9
+  summed = sum(total.values())
+  top = [{'op': op, 'family': fam, 's': t, 'name': _op_name(info[op][1])}
+         for (op, fam), t in per_op.most_common(top_ops)]
+  return {'source': 'JAX profiler (per executed HLO instruction), families from the compiled HLO',
+          'wall_s': wall, 'op_time_s': summed,
+          'seconds': {f: total.get(f, 0.0) for f in FAMILIES},
+          'fraction': {f: (total.get(f, 0.0) / summed if summed else 0.0) for f in FAMILIES},
+          'top_ops': top}
+
+
+# ----------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------
+
+def _nets(shape, key):
+  t_mod, s_mod = models.get(TEACHER, 10), models.get(STUDENT, 10)
   teacher = Teacher(t_mod, models.init(t_mod, key, (1,) + shape))
   student = Teacher(s_mod, models.init(s_mod, jax.random.fold_in(key, 1), (1,) + shape))
-  cfg = SynthesisConfig(image_shape=shape, num_classes=10, mean=(0.5,) * c, std=(0.25,) * c,
-                        batch_size=batch, g_steps=g_steps, n_neg=4096, bank_size=40960,
-                        pool_size=max(4 * batch, 1024), global_padding=4 if h == 32 else 2)
-  state = init_state(cfg, teacher, key)
-  round_fn = jax.jit(synthesis_round, static_argnums=(0,))
+  return teacher, student
 
+
+def _synthesis_cfg(shape, batch, g_steps, quick):
+  c = shape[-1]
+  kw = dict(n_neg=64, bank_size=256, ngf=8, nz=16) if quick else dict(n_neg=4096,
+                                                                      bank_size=40960)
+  return SynthesisConfig(image_shape=shape, num_classes=10, mean=(0.5,) * c, std=(0.25,) * c,
+                         batch_size=batch, g_steps=g_steps, pool_size=max(4 * batch, 1024),
+                         global_padding=4 if shape[0] == 32 else 2, **kw)
+
+
+class _JaxSynthesis:
+  """Compiled cmi_jax rounds of `long` and `short` iterations on a full bank."""
+
+  def __init__(self, shape, batch, long, short, quick):
+    key = jax.random.key(0)
+    self.teacher, self.student = _nets(shape, key)
+    self.cfgs = {n: _synthesis_cfg(shape, batch, n, quick) for n in (long, short)}
+    state = init_state(self.cfgs[long], self.teacher, key)
+    n_neg = self.cfgs[long].n_neg
+    feats = jax.random.normal(key, (n_neg, state.bank.data.shape[-1]))
+    self.state = state.replace(bank=ring_add(state.bank, feats))
+    self.key = key
+    round_fn = jax.jit(synthesis_round, static_argnums=(0,))
+    self.compiled, self.compile_s = {}, {}
+    for n, cfg in self.cfgs.items():
+      t = time.perf_counter()
+      self.compiled[n] = round_fn.lower(cfg, self.teacher, self.student, self.state,
+                                        key).compile()
+      self.compile_s[n] = time.perf_counter() - t
+
+  def run(self, n):
+    jax.block_until_ready(self.compiled[n](self.teacher, self.student, self.state, self.key))
+
+
+class _JaxKD:
+  """Compiled cmi_jax KD scans (kd_steps) of `long` and `short` steps."""
+
+  def __init__(self, shape, batch, long, short, quick):
+    key = jax.random.key(0)
+    self.teacher, _ = _nets(shape, key)
+    c = shape[-1]
+    self.cfg = KDConfig(batch_size=batch, temperature=20.0, crop_padding=4,
+                        mean=(0.5,) * c, std=(0.25,) * c)
+    s_mod = models.get(STUDENT, 10)
+    self.state = create_classifier_state(s_mod, jax.random.fold_in(key, 2), (1,) + shape,
+                                         sgd(0.1, 0.9, 1e-4))
+    pool = ring_init(4 * batch if quick else 4096, {
+        'images': jax.ShapeDtypeStruct(shape, jnp.uint8),
+        'targets': jax.ShapeDtypeStruct((), jnp.int32)})
+    n = pool.capacity
+    imgs = jax.random.randint(key, (n,) + shape, 0, 256).astype(jnp.uint8)
+    self.pool = ring_add(pool, {'images': imgs, 'targets': jnp.zeros((n,), jnp.int32)})
+    self.key = key
+    fn = jax.jit(kd_steps, static_argnums=(0, 5))
+    self.compiled, self.compile_s = {}, {}
+    for steps in (long, short):
+      t = time.perf_counter()
+      self.compiled[steps] = fn.lower(self.cfg, self.state, self.teacher, self.pool, key,
+                                      steps).compile()
+      self.compile_s[steps] = time.perf_counter() - t
+
+  def run(self, n):
+    jax.block_until_ready(self.compiled[n](self.state, self.teacher, self.pool, self.key))
+
+
+class _TorchSynthesis:
+  def __init__(self, tb, shape, batch, quick):
+    h, _, c = shape
+    teacher = tb.build_classifier(TEACHER, 10, c)
+    student = tb.build_classifier(STUDENT, 10, c)
+    kw = dict(n_neg=64, bank_size=256, ngf=8, nz=16) if quick else {}
+    self.syn = tb.CMISynthesizer(teacher, student, shape, 10, (0.5,) * c, (0.25,) * c,
+                                 batch_size=batch, global_padding=4 if h == 32 else 2, **kw)
+    self.syn.fill_bank(self.syn.n_neg)
+
+  def run(self, n):
+    self.syn.run_round(n)
+
+
+class _TorchKD:
+  def __init__(self, tb, torch, shape, batch, quick):
+    h, w, c = shape
+    teacher = tb.build_classifier(TEACHER, 10, c)
+    student = tb.build_classifier(STUDENT, 10, c)
+    n = 4 * batch if quick else 4096
+    pool = torch.randint(0, 256, (n, c, h, w), dtype=torch.uint8)
+    self.kd = tb.KDTrainer(teacher, student, pool, (0.5,) * c, (0.25,) * c, batch_size=batch)
+
+  def run(self, n):
+    self.kd.run(n)
+
+
+def _timed(fn, n) -> float:
   t = time.perf_counter()
-  compiled = round_fn.lower(cfg, teacher, student, state, key).compile()
-  compile_s = time.perf_counter() - t
-  mem = compiled.memory_analysis()
-  # Fill the bank (random features) so the timed rounds use all n_neg negatives,
-  # as a long run does.
-  feats = jax.random.normal(key, (cfg.n_neg, state.bank.data.shape[-1]))
-  state = state.replace(bank=ring_add(state.bank, feats))
-  round_s = _median_time(lambda s: compiled(teacher, student, s, key)[1].images, state,
-                         repeats=repeats)
-  per_iter = round_s / g_steps
-
-  gen = cfg.make_generator()
-  z = jax.random.normal(key, (batch, cfg.nz))
-  gvars = gen.init(key, z)
-
-  @jax.jit
-  def gen_fwd_bwd(params, z):
-    def f(params, z):
-      x, _ = gen.apply({'params': params, 'batch_stats': gvars['batch_stats']}, z, train=True,
-                       mutable=['batch_stats'])
-      return jnp.sum(x * x)
-    return jax.grad(f, argnums=(0, 1))(params, z)
-
-  x2 = jax.random.normal(key, (2 * batch,) + shape)
-
-  @jax.jit
-  def teacher_fwd_bwd(x):
-    def f(x):
-      out = teacher(x)
-      return jnp.sum(out.logits) + sum(jnp.sum(t.mean) + jnp.sum(t.var) for t in out.bn)
-    return jax.grad(f)(x)
-
-  @jax.jit
-  def student_fwd(x):
-    return student(x, taps=False).logits
-
-  parts = {
-      'generator_fwd_bwd_s': _median_time(gen_fwd_bwd, gvars['params'], z, repeats=repeats),
-      'teacher_fwd_inputgrad_2views_s': _median_time(teacher_fwd_bwd, x2, repeats=repeats),
-      'student_fwd_s': _median_time(student_fwd, x2[:batch], repeats=repeats),
-  }
-  floor = sum(parts.values())
-  return {
-      'image_shape': list(shape), 'batch_size': batch, 'g_steps': g_steps,
-      'iteration_s': per_iter, 'images_per_s': batch / per_iter, **parts,
-      'parts_sum_s': floor, 'ratio_iteration_to_parts': per_iter / floor,
-      'round_compile_s': compile_s,
-      'round_temp_bytes': getattr(mem, 'temp_size_in_bytes', None),
-      'round_argument_bytes': getattr(mem, 'argument_size_in_bytes', None),
-  }
+  fn(n)
+  return time.perf_counter() - t
 
 
-def main():
+def bench(name: str, shape, batch: int, long: int, short: int, repeats: int, quick: bool,
+          use_torch: bool, profile: bool) -> dict:
+  is_kd = 'kd' in name
+  torch, tb = _torch() if use_torch else (None, None)
+  jx = (_JaxKD if is_kd else _JaxSynthesis)(shape, batch, long, short, quick)
+  tr = None
+  if tb is not None:
+    tr = _TorchKD(tb, torch, shape, batch, quick) if is_kd else _TorchSynthesis(tb, shape,
+                                                                                 batch, quick)
+  sides = {'jax': jx} if tr is None else {'jax': jx, 'torch': tr}
+  for side in sides.values():  # warm up (first calls allocate, torch builds its caches)
+    side.run(short)
+    side.run(long)
+  times = {s: {long: [], short: []} for s in sides}
+  for _ in range(repeats):
+    for s, side in sides.items():  # interleaved: jax long, jax short, torch long, torch short
+      for n in (long, short):
+        times[s][n].append(_timed(side.run, n))
+  row = {'setting': name, 'kind': 'kd_step' if is_kd else 'synthesis_iteration',
+         'image_shape': list(shape), 'batch_size': batch, 'long': long, 'short': short,
+         'repeats': repeats, 'jax_compile_s': jx.compile_s,
+         'date': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}
+  for s in sides:
+    med = {n: statistics.median(v) for n, v in times[s].items()}
+    row[f'{s}_round_s'] = {str(n): v for n, v in times[s].items()}
+    row[f'{s}_s'] = (med[long] - med[short]) / (long - short)
+  if 'torch_s' in row:
+    row['ratio_jax_to_torch'] = row['jax_s'] / row['torch_s']
+  if profile:
+    row['profile'] = profile_families(jx.compiled[long], lambda: jx.run(long))
+  return row
+
+
+def _fmt(row) -> str:
+  line = (f"{row['setting']:>16}  cmi_jax {row['jax_s'] * 1e3:8.1f} ms")
+  if 'torch_s' in row:
+    line += f"  torch {row['torch_s'] * 1e3:8.1f} ms  ratio {row['ratio_jax_to_torch']:.2f}"
+  if 'profile' in row:
+    frac = row['profile']['fraction']
+    line += '  [' + ' '.join(f'{k} {100 * v:.0f}%' for k, v in frac.items()) + ']'
+  return line
+
+
+def versions(torch) -> dict:
+  out = {'jax_cpu_threads': os.cpu_count(), 'xla_flags': os.environ.get('XLA_FLAGS', '')}
+  if torch is not None:
+    out.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+  return out
+
+
+def main(argv: Optional[List[str]] = None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument('--quick', action='store_true', help='one small setting only')
+  ap.add_argument('--quick', action='store_true', help='tiny settings, seconds (smoke test)')
+  ap.add_argument('--settings', default='', help=f'comma list of {sorted(SETTINGS)}')
   ap.add_argument('--repeats', type=int, default=3)
-  ap.add_argument('--g_steps', type=int, default=5)
+  ap.add_argument('--long', type=int, default=12)
+  ap.add_argument('--short', type=int, default=2)
+  ap.add_argument('--no_torch', action='store_true')
+  ap.add_argument('--no_profile', action='store_true')
   ap.add_argument('--out', default=os.path.join(RESULTS, 'synthesis_speed.json'))
-  args = ap.parse_args()
-  settings = [((28, 28, 1), 64)] if args.quick else [
-      ((32, 32, 3), 256), ((32, 32, 3), 64), ((28, 28, 1), 256), ((28, 28, 1), 64)]
+  args = ap.parse_args(argv)
+  table = QUICK if args.quick else SETTINGS
+  names = [s for s in args.settings.split(',') if s] or list(table)
+  for n in names:
+    if n not in table:
+      raise ValueError(f'--settings: unknown setting {n!r}; choose from {sorted(table)}.')
+  if args.long <= args.short:
+    raise ValueError(f'--long ({args.long}) must exceed --short ({args.short}).')
+  if args.quick:
+    args.long, args.short, args.repeats = 2, 1, 1
+  torch, _ = _torch() if not args.no_torch else (None, None)
+  if torch is not None:
+    np.random.seed(0)
+    torch.manual_seed(0)
   rows = []
-  for shape, batch in settings:
-    row = bench(shape, batch, args.g_steps, args.repeats)
-    rows.append(row)
-    print(f"{'x'.join(map(str, shape)):>8} B={batch:<4} iteration {row['iteration_s'] * 1e3:8.1f} ms "
-          f"({row['images_per_s']:6.1f} img/s)  parts {row['parts_sum_s'] * 1e3:8.1f} ms  "
-          f"ratio {row['ratio_iteration_to_parts']:.2f}  compile {row['round_compile_s']:.1f} s  "
-          f"temp {row['round_temp_bytes'] / 2**20 if row['round_temp_bytes'] else float('nan'):.0f} MiB",
-          flush=True)
-  result = {
-      'benchmark': 'synthesis_speed', **machine_info(),
-      'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      'teacher': 'wrn_16_2', 'student': 'wrn_16_1', 'rows': rows,
-  }
-  print(f'peak RSS {result["peak_rss_mib"]:.0f} MiB')
+  for n in names:
+    shape, batch = table[n]
+    rows.append(bench(n, shape, batch, args.long, args.short, args.repeats, args.quick,
+                      torch is not None, not args.no_profile))
+    print(_fmt(rows[-1]), flush=True)
+  old = {}
+  if os.path.exists(args.out) and not args.quick:
+    with open(args.out, encoding='utf-8') as f:
+      prev = json.load(f)
+    old = {r['setting']: r for r in prev.get('rows', []) if 'setting' in r}
+  merged = {**old, **{r['setting']: r for r in rows}}
+  result = {'benchmark': 'synthesis_speed', **machine_info(), **versions(torch),
+            'teacher': TEACHER, 'student': STUDENT,
+            'rows': [merged[k] for k in sorted(merged, key=lambda k: (k not in SETTINGS, k))]}
   write_result(args.out, result)
+  return result
 
 
 if __name__ == '__main__':

@@ -22,3 +22,40 @@ def test_write_result_creates_folder(tmp_path):
   path = tmp_path / 'results' / 'x.json'
   write_result(str(path), {'rows': [1, 2]})
   assert json.loads(path.read_text()) == {'rows': [1, 2]}
+
+
+def test_synthesis_speed_quick(tmp_path, compilation_cache):
+  """The side-by-side speed benchmark's quick path: cmi_jax rounds and KD scans
+  timed and profiled per op family (the PyTorch side only where torch exists)."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  from benchmarks import synthesis_speed  # pylint: disable=import-outside-toplevel
+  has_torch = importlib.util.find_spec('torch') is not None
+  out = tmp_path / 'speed.json'
+  argv = ['--quick', '--out', str(out)] + ([] if has_torch else ['--no_torch'])
+  result = synthesis_speed.main(argv)
+  assert json.loads(out.read_text()) == result
+  rows = {r['setting']: r for r in result['rows']}
+  assert set(rows) == set(synthesis_speed.QUICK)
+  for row in rows.values():
+    assert row['jax_s'] > 0 and all(t > 0 for t in row['jax_round_s']['2'])
+    prof = row['profile']
+    assert abs(sum(prof['fraction'].values()) - 1.0) < 1e-6
+    # Both workloads run convolutions forward and backward, and the rest.
+    assert prof['seconds']['conv_fwd'] > 0 and prof['seconds']['conv_input_grad'] > 0
+    assert prof['seconds']['elementwise_other'] > 0
+    assert ('ratio_jax_to_torch' in row) == has_torch
+  # The synthesis round also differentiates the generator's filters.
+  assert rows['quick_16x16x3_b8']['profile']['seconds']['conv_filter_grad'] > 0
+
+
+def test_profile_conv_families():
+  """HLO convolutions are told apart by cmi_jax's name scopes or XLA's layouts."""
+  from benchmarks.synthesis_speed import _conv_family, _dot_family  # pylint: disable=import-outside-toplevel
+  fwd = 'dim_labels=b01f_01io->b01f, metadata={op_name="jit(f)/jvp(WideResNet)/conv1/conv"}'
+  dx = 'dim_labels=b01f_01oi->b01f, metadata={op_name="jit(f)/transpose(jvp(WideResNet))/c"}'
+  dk = 'dim_labels=f01b_i01o->01bf, metadata={op_name="jit(f)/transpose(jvp(WideResNet))/c"}'
+  ours = 'dim_labels=b01f_01io->b01f, metadata={op_name="jit(f)/transpose(jvp(G))/conv_input_grad/c"}'
+  assert [_conv_family(r) for r in (fwd, dx, dk, ours)] == [
+      'conv_fwd', 'conv_input_grad', 'conv_filter_grad', 'conv_input_grad']
+  assert _dot_family('metadata={op_name="a/conv_filter_grad/dot_general"}') == 'conv_filter_grad'
+  assert _dot_family('metadata={op_name="a/Head/head/0/dot_general"}') == 'matmul'

@@ -260,15 +260,23 @@ def weighted_sum(cfg: SynthesisConfig, terms: Dict[str, jax.Array]) -> jax.Array
 
 
 def _contrastive(cfg, head_state, head_params, feat_l, feat_g, bank_feats, bank_valid):
-  """L_cr through the head on [local, bank_local] vs [global, bank_global]."""
+  """L_cr through the head on [local, bank_local] vs [global, bank_global].
+
+  The head is row-wise, so it runs as three calls instead of one on the
+  concatenation (same values): the global rows are stop-gradient (no backward
+  at all), the bank's local rows are constants (weight gradient only), and only
+  the B current local rows need an input gradient. One call would run the whole
+  backward over all 2(B + n_neg) rows, most of them with a zero cotangent.
+  """
   b = feat_l.shape[0]
+  head = lambda x: head_state.apply_fn({'params': head_params}, x)
   if bank_feats is not None:
     bank_l, bank_g = jnp.split(bank_feats, 2, axis=1)
-    feats = jnp.concatenate([feat_l, bank_l, feat_g, bank_g], axis=0)
+    p_l = jnp.concatenate([head(feat_l), head(bank_l)], axis=0)
+    p_g = head(jnp.concatenate([feat_g, bank_g], axis=0))
   else:
-    feats = jnp.concatenate([feat_l, feat_g], axis=0)
-  proj = head_state.apply_fn({'params': head_params}, feats)
-  p_l, p_g = jnp.split(proj, 2, axis=0)
+    p_l, p_g = head(feat_l), head(feat_g)
+  # contrastive_loss stops p_g's gradient: its (separate) head call gets no backward.
   return losses.contrastive_loss(p_l, p_g, b, bank_valid, cfg.cr_temperature)
 
 
