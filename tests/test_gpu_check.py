@@ -62,8 +62,14 @@ def test_smoke_runs_every_stage(tmp_path, cache_dir):
   assert main['last_lines'][-1].startswith('Done in')
   assert main['teacher_accuracy'] > 80  # the shipped teacher on the shipped test split
   full = result['stages']['full']
-  assert full['returncode'] == 0 and full['rounds_done'] == 2  # :quick: 2 epochs of 1 round
+  # :quick is 2 epochs of 1 round; on a busy machine the budget's SIGTERM may stop it
+  # cleanly after the first (exit status 0, a checkpoint, the resume command).
+  assert full['returncode'] == 0 and full['rounds_done'] in (1, 2)
+  if full['rounds_done'] == 1:
+    assert full['stopped_at_budget']
+    assert any(l.startswith('Stopped by SIGTERM after round 1/2') for l in full['last_lines'])
+    assert any('Resume with the same command' in l for l in full['last_lines'])
   with open(tmp_path / 'w' / 'full' / 'metrics.jsonl') as f:
     rows = [json.loads(l) for l in f]
   assert full['best_student_accuracy'] == max(r['student_accuracy'] for r in rows)
-  assert full['epochs_done'] == sum('epoch' in r for r in rows) == 2
+  assert full['epochs_done'] == sum('epoch' in r for r in rows) == full['rounds_done']
