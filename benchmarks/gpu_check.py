@@ -141,7 +141,7 @@ def run_command(args, workdir: str, budget_s: float, env=None) -> dict:
   lines = [l for l in re.split(r'[\r\n]', out or '') if l.strip()]
   result = {'command': ' '.join(cmd[1:]), 'returncode': proc.returncode,
             'wall_s': time.time() - t0, 'stopped_at_budget': stopped,
-            'last_lines': lines[-4:]}
+            'last_lines': lines[-6:]}
   rows = []
   metrics = os.path.join(workdir, 'metrics.jsonl')
   if os.path.exists(metrics):
