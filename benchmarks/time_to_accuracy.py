@@ -48,12 +48,16 @@ _FAST_SCHEDULE = ({'batch_size': 64, 'ngf': 32, 'pool_size': 8192, 'adv_start_ro
                    'reset_l0_round': -1},
                   {'batch_size': 64, 'pre_rounds': 10, 'kd_steps': 40, 'ep_steps': 400,
                    'epochs': 8})
+# NAYER: configs/fashion_mnist.py's CPU-sized setting (batch 60, 2 warm-up rounds of 5
+# loops, then 2 loops of 20 steps = CMI's 40 steps per epoch, 60 KD steps), 8 epochs.
+_NAYER_SCHEDULE = ({}, {'epochs': 8})
 METHODS = {
     'cmi': ('cmi', (0, 1, 2)) + _CMI_SCHEDULE,
     'cmi_no_contrast': ('cmi_no_contrast', (0,)) + _CMI_SCHEDULE,
     'fast2': ('fast2', (0, 1, 2)) + _FAST_SCHEDULE,
     'fast5': ('fast5', (0, 1, 2)) + _FAST_SCHEDULE,
     'fast10': ('fast10', (0, 1, 2)) + _FAST_SCHEDULE,
+    'nayer': ('nayer', (0, 1, 2)) + _NAYER_SCHEDULE,
     'deepinv': ('deepinv', (0,)) + _CMI_SCHEDULE,  # 40 pixel steps per round, not 1000
 }
 
@@ -100,7 +104,15 @@ def forward_flops(cfg) -> dict:
       x = jnp.zeros((n,) + info.image_shape)
       out[f'{name}_{what}'] = flops(lambda v, x, m=module: m.apply(v, x, train=False),
                                     variables, x)
-  if synth.synthesizer == 'generator':
+  if synth.algorithm == 'nayer':  # NLGenerator on the [B, E] class vectors
+    from cmi_jax.synthesis import embeddings, nayer  # pylint: disable=import-outside-toplevel
+    gen = nayer.make_generator(synth)
+    z = jnp.zeros((synth.batch_size,
+                   embeddings.label_embeddings(synth, teacher, jax.random.key(0)).shape[1]))
+    g_vars = gen.init(jax.random.key(0), z)
+    out['generator'] = flops(lambda v, z: gen.apply(v, z, train=True, mutable=['batch_stats'])[0],
+                             g_vars, z)
+  elif synth.synthesizer == 'generator':
     gen = synth.make_generator()
     z = jnp.zeros((synth.batch_size, synth.nz))
     g_vars = gen.init(jax.random.key(0), z)
@@ -131,14 +143,19 @@ def run_one(method: str, seed: int, workdir: str, max_seconds: float) -> None:
   rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'),
                                             encoding='utf-8')]
   ff = forward_flops(cfg)
-  curve, eval_s, kd_done = [], 0.0, 0
+  curve, eval_s, kd_done, synth_steps = [], 0.0, 0, 0
   pre = cfg.kd.pre_rounds
+  # Synthesis steps per round: g_steps, times the loops of a NAYER round (pre_loops in
+  # its warm-up rounds, g_loops after).
+  loops = ((cfg.kd.pre_loops or cfg.synthesis.g_loops, cfg.synthesis.g_loops)
+           if cfg.synthesis.algorithm == 'nayer' else (1, 1))
   for r in rows:
     if r['round'] > pre:
       kd_done += cfg.kd.kd_steps
+    synth_steps += ff['g_steps'] * loops[r['round'] > pre]
     eval_s += r.get('eval_s', 0.0)
     if 'student_accuracy' in r:
-      synth_flops = r['round'] * ff['g_steps'] * ff['synthesis_step']
+      synth_flops = synth_steps * ff['synthesis_step']
       kd_flops = kd_done * ff['kd_step']
       curve.append({'epoch': r['epoch'], 'round': r['round'], 'kd_steps': kd_done,
                     'elapsed_s': r['elapsed_s'], 'train_s': r['elapsed_s'] - eval_s,
