@@ -13,13 +13,41 @@ donated state (the next round may overwrite the device buffers at once);
 tests/test_checkpoint.py checks it. A new `save` (and `restore`, `close`) first
 waits for the save in flight, so at most one is pending; `wait` blocks until it
 is on disk. benchmarks/checkpoint_speed.py measures the blocking time.
+
+Faults (issue 13, tests/test_faults.py): `restore` of the latest checkpoint
+falls back to the newest one that reads back (warning what was wrong, and
+setting the damaged ones aside as `<step>.corrupt-<time>`), or raises a
+`CheckpointError` naming the folder and the choices when none does. A save that
+fails (disk full, permissions) raises a `CheckpointError` (at `save` when
+synchronous; at the next `save`, `wait` or `close` when asynchronous); orbax
+never renames an incomplete save into place, so the previous checkpoint stays
+intact and resumable.
 """
 
 import os
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+
+from cmi_jax.errors import CheckpointError
+
+# Words of the I/O failures that orbax and tensorstore report as non-OSErrors.
+_IO_WORDS = ('RESOURCE_EXHAUSTED', 'PERMISSION_DENIED', 'os_error_code', 'No space left',
+             'Permission denied', 'Read-only file system', 'Disk quota')
+
+
+def _is_io_error(e: BaseException) -> bool:
+  return isinstance(e, OSError) or any(w in str(e) for w in _IO_WORDS)
+
+
+def _brief(e: BaseException, limit: int = 240) -> str:
+  """'Type: first line of the message', cut to `limit` characters."""
+  text = str(e).splitlines()[0] if str(e) else ''
+  text = text if len(text) <= limit else text[:limit] + '...'
+  return f'{type(e).__name__}: {text}'
 
 
 class Checkpointer:
@@ -33,6 +61,8 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     self.async_save = async_save
     self._closed = False
+    self._pending: Optional[int] = None  # step of the save in flight
+    self._failed = False                 # a save failure was raised already
     self._mngr = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
@@ -52,34 +82,103 @@ class Checkpointer:
     the caller may donate or overwrite `state`'s buffers right after.
     """
     self.wait()
-    if step in self._mngr.all_steps():
-      self._mngr.delete(step)
-    self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                  meta=ocp.args.JsonSave(meta)), force=True)
+    self._pending = step
+    try:
+      if step in self._mngr.all_steps():
+        self._mngr.delete(step)
+      self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      if _is_io_error(e):
+        raise self._save_failed(e) from e
+      raise
     if not self.async_save:
       self.wait()
 
   def wait(self) -> None:
-    """Blocks until the save in flight (if any) is complete on disk."""
-    self._mngr.wait_until_finished()
+    """Blocks until the save in flight (if any) is complete on disk; a failed
+    save raises CheckpointError."""
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      if _is_io_error(e):
+        raise self._save_failed(e) from e
+      raise
+    self._pending = None
+
+  def _complete_steps(self) -> List[int]:
+    """Steps whose folder was renamed into place (orbax renames only complete saves)."""
+    if not os.path.isdir(self.directory):
+      return []
+    return sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+
+  def _save_failed(self, e: BaseException) -> CheckpointError:
+    self._failed = True
+    step, self._pending = self._pending, None
+    previous = [s for s in self._complete_steps() if s != step]
+    keep = (f'The previous checkpoint ({os.path.join(self.directory, str(previous[-1]))}) is '
+            'intact: free disk space (or fix the permissions), then run the same command again '
+            'to resume from it.' if previous else
+            'No earlier checkpoint exists: free disk space (or fix the permissions) and run the '
+            'same command again, or choose another --workdir.')
+    return CheckpointError(f'Could not write checkpoint {step} to {self.directory} '
+                           f'({_brief(e)}); the run stops. {keep}')
 
   def restore(self, abstract_state: Any, step: Optional[int] = None
               ) -> Optional[Tuple[Any, Dict[str, Any]]]:
     """Restores checkpoint `step` (default: the latest) into `abstract_state`'s
     structure; None when there is none."""
     self.wait()
-    step = self.latest_step() if step is None else step
-    if step is None:
-      return None
+    if step is not None:
+      return self._restore(step, abstract_state)
+    failures = []
+    for s in sorted(self.all_steps(), reverse=True):
+      try:
+        out = self._restore(s, abstract_state)
+      except Exception as e:  # pylint: disable=broad-except  (damaged files fail in many ways)
+        failures.append(f'{os.path.join(self.directory, str(s))}: {_brief(e)}')
+        continue
+      if failures:
+        msg = (f'Checkpoint(s) unreadable, set aside: {"; ".join(failures)}. Resuming from the '
+               f'previous complete checkpoint, step {s}.')
+        logging.warning(msg)
+        print(f'Warning: {msg}', flush=True)
+        self._set_aside(failures)
+      return out
+    if failures:
+      raise CheckpointError(
+          f'No usable checkpoint in {self.directory}: {"; ".join(failures)}. Either delete '
+          f'{self.directory} to start the run over from its beginning, or keep it for '
+          'inspection and point --workdir at a new folder.')
+    return None
+
+  def _restore(self, step: int, abstract_state: Any) -> Tuple[Any, Dict[str, Any]]:
     out = self._mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return out['state'], out['meta']
+
+  def _set_aside(self, failures: List[str]) -> None:
+    """Renames damaged step folders to `<step>.corrupt-<time>` (kept for
+    inspection, no longer a step), so the run's next saves and resumes skip them."""
+    if jax.process_index() == 0:
+      for f in failures:
+        path = f.split(': ', 1)[0]
+        if os.path.isdir(path):
+          os.replace(path, f'{path}.corrupt-{int(time.time())}')
+    self._mngr.reload()
 
   def close(self) -> None:
     """Finishes the save in flight and releases the manager's threads (idempotent)."""
     if not self._closed:
       self._closed = True
-      self._mngr.close()  # waits for the save in flight
+      try:
+        self._mngr.close()  # waits for the save in flight
+      except Exception as e:  # pylint: disable=broad-except
+        if self._failed:  # already reported: do not mask that error with a repeat
+          return
+        if _is_io_error(e):
+          raise self._save_failed(e) from e
+        raise
 
 
 def abstract(tree: Any) -> Any:

@@ -68,3 +68,8 @@ def parse_flags(argv):
 
 class TeacherNotFoundError(UserError, FileNotFoundError):
   """No teacher (directory or file) at the given path, or the directory is incomplete."""
+
+
+class CheckpointError(UserError, OSError):
+  """No usable checkpoint to resume from, or a checkpoint could not be written
+  (disk full, permissions); the message names the folder and what to do."""
