@@ -20,7 +20,7 @@ import pytest
 
 import cmi_jax
 from cmi_jax import data, models, report
-from cmi_jax.synthesis import cmi, gan, presets
+from cmi_jax.synthesis import algorithms, cmi, gan, presets
 from cmi_jax.teacher import Teacher
 from configs import common, fashion_mnist
 from experiments import runner
@@ -76,6 +76,15 @@ EXPECTED = {
     'cmi_two_stage': (dict(pool_size=60416), dict(oh=0.5),
                       dict(pre_rounds=196, pre_adv=0.0, pre_oh=1.0, kd_steps=2000,
                            ep_steps=2000, epochs=40)),
+    # NAYER (successor-methods.md 2.5, NAYER_200): its own round; batch 400, 30 steps per
+    # loop at lr 4e-3, crop+flip view, bn 10 / oh 0.5 / adv 1.33 (on from round 20), 2
+    # loops per epoch after 20 warm-up rounds of 10; KD batch 512, lr 0.2 cosine to 2e-4;
+    # every loop's images kept: (20 x 10 + 200 x 2) x 400.
+    'nayer': (dict(algorithm='nayer', views='crop', batch_size=400, g_steps=30, lr_g=4e-3,
+                   pool_size=240000, adv_start_round=20),
+              dict(bn=10.0, oh=0.5, adv=1.33, cr=0.0),
+              dict(batch_size=512, lr=0.2, lr_min=2e-4, pre_rounds=20, pre_oh=0.5,
+                   pre_loops=10)),
 }
 
 # The unweighted terms a synthesis call computes (with a student).
@@ -85,7 +94,7 @@ TERMS = {
     'cmi_no_generator': {'bn', 'oh', 'adv', 'cr'}, 'cmi_two_stage': {'bn', 'oh', 'adv', 'cr'},
     'cmi_no_contrast': {'bn', 'oh', 'adv'}, 'cmi_no_adv': {'bn', 'oh', 'cr'},
     'deepinv': {'bn', 'oh', 'adv', 'tv'}, 'dafl': {'oh', 'act', 'balance'}, 'zskt': {'adv'},
-    'dfq': {'bn', 'oh', 'adv', 'balance'}, 'dfad': {'adv'},
+    'dfq': {'bn', 'oh', 'adv', 'balance'}, 'dfad': {'adv'}, 'nayer': {'bn', 'oh', 'adv'},
 }
 
 
@@ -167,6 +176,12 @@ def test_library_overrides_and_unknown_method():
     common.base_config('cifar10', 'DFQ')
 
 
+# NAYER's CPU-sized Fashion-MNIST setting resizes its batch, schedule and pool (the
+# structure and every weight and lr stay the preset's).
+CPU_RESIZED = {'nayer': {'batch_size', 'g_steps', 'pool_size', 'adv_start_round', 'g_life',
+                         'kd_steps', 'ep_steps', 'epochs', 'pre_rounds', 'pre_loops'}}
+
+
 def test_fashion_mnist_config_keeps_each_presets_schedule():
   """The CPU sizing of configs/fashion_mnist.py must not undo a method's own
   per-round schedule (e.g. the GAN baselines' 1 generator step per 5-10 KD steps)."""
@@ -175,6 +190,8 @@ def test_fashion_mnist_config_keeps_each_presets_schedule():
     preset = presets.get(name)
     for sec in ('synthesis', 'kd'):
       for k, v in preset[sec].items():
+        if k in CPU_RESIZED.get(name, ()):
+          continue
         if not isinstance(v, dict):
           assert cfg[sec][k] == v or tuple(cfg[sec][k]) == v, (name, sec, k)
     for k, v in EXPECTED[name][1].items():
@@ -212,8 +229,9 @@ def _call_shapes(name, teacher, student):
   if presets.get(name)['kd']['mode'] == 'fresh':
     gen = gan.init_generator_state(cfg, jax.random.key(3))
     return jax.eval_shape(functools.partial(gan.gan_round, cfg), teacher, student, gen, key)[1]
-  state = cmi.init_state(cfg, teacher, jax.random.key(3))
-  return jax.eval_shape(functools.partial(cmi.synthesis_round, cfg), teacher, student, state,
+  algorithm = algorithms.get(cfg.algorithm)
+  state = algorithm.init_state(cfg, teacher, jax.random.key(3))
+  return jax.eval_shape(functools.partial(algorithm.round, cfg), teacher, student, state,
                         key)[1].metrics
 
 
@@ -221,7 +239,8 @@ def _call_shapes(name, teacher, student):
 def test_call_computes_exactly_the_enabled_terms(name, tiny_nets):
   metrics = _call_shapes(name, *tiny_nets)
   assert {k[2:] for k in metrics if k.startswith('l_')} == TERMS[name]
-  assert metrics['loss'].shape == (TINY['g_steps'],)
+  loops = _tiny(name).g_loops if _tiny(name).algorithm == 'nayer' else 1  # steps per loop
+  assert metrics['loss'].shape == (loops * TINY['g_steps'],)
 
 
 def test_no_student_no_adversarial_term(tiny_nets):

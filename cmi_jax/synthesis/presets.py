@@ -128,7 +128,7 @@ PRESETS['nayer'] = {
     'synthesis': {'algorithm': 'nayer', 'synthesizer': 'generator', 'generator': 'cmi',
                   'reinit': True, 'views': 'crop', 'adv_kind': 'masked_kl',
                   'adv_temperature': 1.0, 'oh_kind': 'targets', 'betas': (0.5, 0.999),
-                  'batch_size': 400, 'g_steps': 30, 'lr_g': 4e-3, 'ngf': 64,
+                  'batch_size': 400, 'g_steps': 30, 'lr_g': 4e-3,
                   'pool_size': (20 * 10 + 200 * 2) * 400, 'bn_mmt': 0.9,
                   'adv_start_round': 20, 'g_loops': 2, 'g_life': 10, 'le_emb_size': 1000,
                   'weights': {'bn': 10.0, 'oh': 0.5, 'adv': 1.33, 'cr': 0.0,
