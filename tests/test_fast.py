@@ -345,6 +345,25 @@ def test_reset_l0_redraws_first_linear_and_bn_only(nets):
     _close(new['conv_blocks'][k], state.gen.params['conv_blocks'][k], rtol=0)
 
 
+def test_meta_generator_starts_from_pytorch_default_init(nets):
+  """U(+-1/sqrt(fan_in)) weights and biases (fan_in: nz for l1, 9 * C_in for convs),
+  BatchNorm scale 1 and bias 0, as a fresh PyTorch generator."""
+  teacher, _ = nets
+  cfg = dataclasses.replace(CFG, nz=64, ngf=16)
+  p = fast.init_state(cfg, teacher, jax.random.key(2)).gen.params
+  for layer, fan_in in ((p['l1']['0'], 64), (p['conv_blocks']['2'], 9 * 32),
+                        (p['conv_blocks']['6'], 9 * 32), (p['conv_blocks']['9'], 9 * 16)):
+    for name, w in layer.items():
+      w, bound = np.asarray(w), 1.0 / np.sqrt(fan_in)
+      assert np.abs(w).max() <= bound and np.abs(w).max() > 0, name
+      if w.size > 100:  # uniform: reaches the bound, std = bound / sqrt(3)
+        assert np.abs(w).max() > 0.9 * bound, name
+        assert abs(w.std() - bound / np.sqrt(3)) < 0.1 * bound, name
+  for k in ('0', '3', '7'):
+    np.testing.assert_array_equal(p['conv_blocks'][k]['scale'], 1.0)
+    np.testing.assert_array_equal(p['conv_blocks'][k]['bias'], 0.0)
+
+
 def test_exact_resume_through_a_checkpoint(nets, round_fn, two_rounds, tmp_path):
   """2 rounds == 1 round, save, restore into a fresh state's structure, 1 round."""
   teacher, student = nets

@@ -56,12 +56,36 @@ def meta_lr(cfg: SynthesisConfig) -> float:
   return cfg.lr_meta if cfg.lr_meta > 0 else cfg.g_steps * cfg.lr_g
 
 
+def torch_default_params(params: Dict[str, Any], rng: jax.Array) -> Dict[str, Any]:
+  """PyTorch's default initialization of every layer (the reference's meta-generator is
+  never re-initialized, unlike CMI's per-round N(0, 0.02) reset): Linear/Conv weights
+  and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), BatchNorm scale 1 and bias 0."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  fan_in = {}
+  for path, leaf in leaves:
+    if path[-1].key == 'kernel':
+      fan_in[tuple(p.key for p in path[:-1])] = int(jnp.prod(jnp.array(leaf.shape[:-1])))
+  out = []
+  for i, (path, leaf) in enumerate(leaves):
+    layer, name = tuple(p.key for p in path[:-1]), path[-1].key
+    key = jax.random.fold_in(rng, i)
+    if layer in fan_in:  # Linear / Conv: kernel and bias
+      bound = 1.0 / fan_in[layer] ** 0.5
+      out.append(jax.random.uniform(key, leaf.shape, leaf.dtype, -bound, bound))
+    else:  # BatchNorm
+      out.append(jnp.ones_like(leaf) if name == 'scale' else jnp.zeros_like(leaf))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def init_state(cfg: SynthesisConfig, teacher: Teacher, rng: jax.Array) -> FastState:
-  """A freshly initialized meta-generator + meta-Adam, an empty BN EMA and pool."""
+  """A meta-generator with PyTorch's default init + meta-Adam, an empty BN EMA and pool."""
   if cfg.synthesizer != 'generator':
     raise ValueError(f"synthesis.synthesizer={cfg.synthesizer!r} is invalid for algorithm "
                      "'fast': FastDFKD meta-learns a generator; use 'generator'.")
-  gen = gan.init_generator_state(dataclasses.replace(cfg, lr_g=meta_lr(cfg)), rng)
+  k_shapes, k_params = jax.random.split(rng)
+  gen = gan.init_generator_state(dataclasses.replace(cfg, lr_g=meta_lr(cfg)), k_shapes)
+  gen = gen.replace(params=torch_default_params(gen.params, k_params))
+  gen = gen.replace(opt_state=gen.tx.init(gen.params))
   taps = jax.eval_shape(lambda t: t(jnp.zeros((2,) + tuple(cfg.image_shape))), teacher).bn
   pool = ring_init(cfg.pool_size, {
       'images': jax.ShapeDtypeStruct(tuple(cfg.image_shape), jnp.uint8),

@@ -18,6 +18,8 @@ Ablations (Table 4 of the paper, CMI on top): no contrast (cr 0), no decision-ad
 term (adv 0), no generator (pixel updates with CMI's views), head none / linear / mlp.
 Two-stage (Table 1 "adversarial"): a non-adversarial pre-inversion of a fixed set, then
 adversarial CMI with kd_steps 2000 (`kd.pre_rounds` rounds with adv 0 and no KD first).
+FastDFKD (fast2 / fast5 / fast10): algorithm 'fast' (cmi_jax/synthesis/fast.py), its own
+round function; loss, schedule and per-variant K / lr_g / lr_z from the authors' scripts.
 """
 
 import dataclasses
