@@ -7,7 +7,8 @@
 Rows: resnet34-resnet18, vgg11-resnet18, wrn40_2-wrn16_1 (default), wrn40_2-wrn40_1,
 wrn40_2-wrn16_2. Add `,method=<preset>` for a baseline or an ablation (deepinv, dafl,
 zskt, dfq, dfad, cmi_no_contrast, cmi_no_adv, cmi_no_generator, cmi_head_none,
-cmi_head_linear, cmi_two_stage) and `,quick` for a seconds-long smoke run.
+cmi_head_linear, cmi_two_stage), a successor method (nayer: `,epochs=100|200|300` for
+NAYER_100/200/300, default 200) and `,quick` for a seconds-long smoke run.
 Defaults are the published hyperparameters (200 epochs x 400 KD steps, 200 generator
 steps per round): a multi-GPU-day job; expected student accuracy in the README table
 (CMI wrn40_2->wrn16_1: 90.01%). The teacher checkpoint is a reference .pth
