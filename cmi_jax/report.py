@@ -42,6 +42,13 @@ def _summary_writer_class():
   return SummaryWriter
 
 
+def _write_failed(path: str, e: OSError):
+  from cmi_jax.errors import WorkdirError  # pylint: disable=g-import-not-at-top
+  return WorkdirError(f'Could not write {path} ({e.strerror or e}): free disk space or fix the '
+                      'permissions, then run the same command again to resume from the last '
+                      'checkpoint.')
+
+
 class MetricWriter:
   """Appends one JSON object per `write_scalars` call to `workdir/metrics.jsonl`,
   and its finite numbers to TensorBoard (`workdir/tensorboard/`) when
@@ -68,8 +75,11 @@ class MetricWriter:
       return
     row = {'step': int(step), 'time': round(time.time(), 3)}
     row.update({k: _to_py(v) for k, v in scalars.items()})
-    self._f.write(json.dumps(row) + '\n')
-    self._f.flush()
+    try:
+      self._f.write(json.dumps(row) + '\n')
+      self._f.flush()
+    except OSError as e:  # disk full, permissions: the user's to fix (a torn line is dropped)
+      raise _write_failed(self.path, e) from e
     if self._tb_class is not None:
       if self._tb is None:  # lazily, so that a resume can purge the crashed run's steps
         # A unique suffix: two sessions within a second must not share one event file.
@@ -106,10 +116,13 @@ class MetricWriter:
     path = os.path.join(self.workdir, name)
     if self.enabled:
       tmp = path + '.tmp'
-      with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump({k: _to_py(v) for k, v in obj.items()}, f, indent=2, sort_keys=True,
-                  default=str)
-      os.replace(tmp, path)
+      try:
+        with open(tmp, 'w', encoding='utf-8') as f:
+          json.dump({k: _to_py(v) for k, v in obj.items()}, f, indent=2, sort_keys=True,
+                    default=str)
+        os.replace(tmp, path)
+      except OSError as e:  # the previous file stays whole (written aside, then renamed)
+        raise _write_failed(path, e) from e
     return path
 
   def flush(self) -> None:
