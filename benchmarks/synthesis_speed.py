@@ -302,7 +302,6 @@ def bench(name: str, shape, batch: int, long: int, short: int, repeats: int, qui
   sides = {'jax': jx} if tr is None else {'jax': jx, 'torch': tr}
   for side in sides.values():  # warm up (first calls allocate, torch builds its caches)
     side.run(short)
-    side.run(long)
   times = {s: {long: [], short: []} for s in sides}
   for _ in range(repeats):
     for s, side in sides.items():  # interleaved: jax long, jax short, torch long, torch short

@@ -53,3 +53,50 @@ def test_split_head_calls_match_one_call():
       # The global branch is stop-gradient: no gradient reaches the global features.
       assert not np.any(np.asarray(got[1][2]))
       assert float(got[0]) > 0
+
+
+def _np_upsample_conv(x, k):
+  """numpy: nearest x2 upsampling, then a 3x3 'same' cross-correlation (pad 1)."""
+  u = x.repeat(2, axis=1).repeat(2, axis=2)
+  n, h, w, _ = u.shape
+  up = np.pad(u, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  out = np.zeros((n, h, w, k.shape[-1]))
+  for i in range(3):
+    for j in range(3):
+      out += np.einsum('nhwc,co->nhwo', up[:, i:i + h, j:j + w], k[i, j])
+  return out
+
+
+def test_upsample_conv_phases_match_numpy_and_xla():
+  from cmi_jax.models import layers  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(1)
+  for shape, co in (((2, 4, 4, 3), 5), ((1, 3, 5, 2), 4)):
+    x = rng.normal(size=shape).astype(np.float32)
+    k = rng.normal(size=(3, 3, shape[-1], co)).astype(np.float32)
+    want = _np_upsample_conv(x.astype(np.float64), k.astype(np.float64))
+    for impl in ('explicit_grad', 'xla'):
+      got = layers.upsample2_conv3x3(jnp.asarray(x), jnp.asarray(k), impl)
+      np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    ct = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+    grads = [jax.grad(lambda a, b, i=impl: jnp.sum(layers.upsample2_conv3x3(a, b, i) * ct),
+                      argnums=(0, 1))(jnp.asarray(x), jnp.asarray(k))
+             for impl in ('explicit_grad', 'xla')]
+    for a, b in zip(*grads):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
+
+
+def test_conv_module_upsample_flag():
+  from cmi_jax.models import layers  # pylint: disable=import-outside-toplevel
+  x = jax.random.normal(jax.random.key(3), (2, 4, 4, 3))
+  conv = layers.Conv(6, upsample=True, use_bias=True, bias_init=jax.nn.initializers.ones)
+  params = conv.init(jax.random.key(4), x)
+  assert params['params']['kernel'].shape == (3, 3, 3, 6)  # the same parameters as before
+  want = layers.conv2d(layers.upsample2(x), params['params']['kernel'], 1, 1, 'xla') + 1.0
+  np.testing.assert_allclose(np.asarray(conv.apply(params, x)), np.asarray(want), atol=1e-5)
+  bad = layers.Conv(6, stride=2, upsample=True)
+  try:
+    bad.init(jax.random.key(4), x)
+  except ValueError as e:
+    assert 'stride=2' in str(e)
+  else:
+    raise AssertionError('Conv(upsample=True, stride=2) must be refused')

@@ -35,11 +35,6 @@ def _bn_scale_init(key, shape, dtype=jnp.float32):
   return 1.0 + 0.02 * jax.random.normal(key, shape, dtype)
 
 
-def _upsample2(x):
-  """Nearest-neighbour x2 upsampling (nn.Upsample(scale_factor=2))."""
-  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-
-
 class _L1(nn.Module):
   features: int
   dtype: Optional[Any] = None
@@ -90,9 +85,9 @@ class _Blocks(nn.Module):
                                 scale_init=nn.initializers.ones if self.torch_init
                                 else _bn_scale_init, name=name)
 
-    def conv(f, name, bias=False):
+    def conv(f, name, bias=False, upsample=False):
       fan_in = 9 * x.shape[-1]  # read when the layer is built: x is then its input
-      return Conv(f, 3, 1, 1, use_bias=bias, dtype=self.dtype,
+      return Conv(f, 3, 1, 1, use_bias=bias, dtype=self.dtype, upsample=upsample,
                   kernel_init=torch_default_init if self.torch_init else _w_init,
                   bias_init=_torch_bias_init(fan_in) if self.torch_init
                   else nn.initializers.zeros, name=name)
@@ -100,8 +95,9 @@ class _Blocks(nn.Module):
     w1 = self.width // 2 if self.large else self.width
     w2 = w1 // 2
     x = bn('0')(x, train)
-    x = nn.leaky_relu(bn('3')(conv(w1, '2')(_upsample2(x)), train), 0.2)
-    x = nn.leaky_relu(bn('7')(conv(w2, '6')(_upsample2(x)), train), 0.2)
+    # upsample x2 then conv, fused (Conv(upsample=True): cheaper on CPU, same on GPU).
+    x = nn.leaky_relu(bn('3')(conv(w1, '2', upsample=True)(x), train), 0.2)
+    x = nn.leaky_relu(bn('7')(conv(w2, '6', upsample=True)(x), train), 0.2)
     x = conv(self.nc, '9', bias=True)(x)
     return nn.sigmoid(x.astype(jnp.float32))
 
