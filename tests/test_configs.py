@@ -70,8 +70,9 @@ def test_default_row_and_arguments():
   assert (cfg.synthesis.batch_size, cfg.synthesis.g_steps, cfg.kd.kd_steps) == (8, 2, 2)
   with pytest.raises(ValueError, match='wrn40_2-wrn16_2'):
     cifar10.get_config('wrn40_2-wrn28_10')
-  with pytest.raises(ValueError, match="Unknown config argument 'epochs'"):
-    cifar10.get_config('wrn40_2-wrn16_1,epochs=3')
+  with pytest.raises(ValueError, match="Unknown config argument 'steps'"):
+    cifar10.get_config('wrn40_2-wrn16_1,steps=3')
+  assert cifar10.get_config('wrn40_2-wrn16_1,epochs=3').kd.epochs == 3  # a KD-epoch budget
   assert common.parse_arg('a=3,b', _positional='x', a=1, b=False, x='') == \
       {'a': 3, 'b': True, 'x': ''}
 
