@@ -55,6 +55,9 @@ def parse_flags(argv):
     return flags.FLAGS(argv)
   except flags.Error as e:
     msg = str(e)
+    if msg.startswith('flag --config.'):
+      msg += ('. The config is typed: pass a value of the type its config file gives the '
+              'field (--helpfull lists every config.* flag with its value).')
   except (AttributeError, KeyError) as e:  # ml_collections: no such field in the locked config
     field = str(e).strip('"\'')
     bad = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.') and
