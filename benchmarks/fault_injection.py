@@ -193,6 +193,9 @@ def main(argv=None) -> Dict[str, Any]:
   for d in (ref_dir, run_dir):
     shutil.rmtree(d, ignore_errors=True)
   os.makedirs(a.root, exist_ok=True)
+  for name in ('reference.log', 'killed.log'):
+    if os.path.exists(os.path.join(a.root, name)):
+      os.remove(os.path.join(a.root, name))
   cache = a.cache or os.path.join(a.root, 'jax_cache')
   phase_file = os.path.join(a.root, 'phase')
   env = environment(cache, phase_file, a.fast_compile)
@@ -235,11 +238,17 @@ def main(argv=None) -> Dict[str, Any]:
   identical = (result['state_identical'] and result['meta_identical'] and
                result['metrics_identical'] and result['summary_identical'])
   phases = collections.Counter(k['phase'] for k in kills)
+  with open(log_path, encoding='utf-8') as f:
+    log_text = f.read()
   from benchmarks.common import machine_info, write_result  # pylint: disable=g-import-not-at-top
   report = {
       'config': ' '.join(cmd[2:-1]), 'rounds': total_rounds,
       'checkpoint_every_rounds': a.checkpoint_every, 'async_checkpoints': True,
       'kills': len(kills), 'resumes': launches - 1 if kills else 0, 'launches': launches,
+      # launches that found a checkpoint (the others were killed before the first one)
+      'resumed_from_checkpoint': log_text.count('Resuming '),
+      # complete checkpoints that did not read back (a kill must never cause one)
+      'damaged_checkpoints_seen': log_text.count('unreadable, set aside'),
       'kills_per_phase': dict(sorted(phases.items())),
       'kills_inside_checkpoint_write': sum(k['in_checkpoint_write'] for k in kills),
       'identical_at_end': 'yes' if identical else 'no', **result,

@@ -521,6 +521,7 @@ def test_kill_loop_quick(tmp_path, cache_dir):
   assert r['state_identical'] and r['arrays_compared'] > 100
   assert r['metrics_identical'] and r['summary_identical']
   assert r['rows_lost'] == 0 and r['rows_duplicated'] == 0 and r['metric_rows'] == 3
+  assert r['damaged_checkpoints_seen'] == 0
 
 
 @pytest.mark.slow
