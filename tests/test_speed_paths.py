@@ -100,3 +100,18 @@ def test_conv_module_upsample_flag():
     assert 'stride=2' in str(e)
   else:
     raise AssertionError('Conv(upsample=True, stride=2) must be refused')
+
+
+def test_filter_grad_of_narrow_output_matches_xla():
+  """Stride-1 convs with fewer output than input channels shift g, not x."""
+  from cmi_jax.models import layers  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(5)
+  for ksize, ci, co, size in ((3, 6, 2, 5), (2, 5, 3, 4), (1, 4, 1, 3)):
+    x = jnp.asarray(rng.normal(size=(2, size, size, ci)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(ksize, ksize, ci, co)), jnp.float32)
+    pad = 1 if ksize > 1 else 0
+    g = jnp.asarray(rng.normal(size=layers.conv2d(x, k, 1, pad, 'xla').shape), jnp.float32)
+    got, want = (jax.grad(lambda x_, k_, i=impl: jnp.sum(layers.conv2d(x_, k_, 1, pad, i) * g),
+                          argnums=(0, 1))(x, k) for impl in ('explicit_grad', 'xla'))
+    for a, b in zip(got, want):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)

@@ -91,16 +91,35 @@ def _conv_bwd(stride, padding, res, g):
                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   with jax.named_scope('conv_filter_grad'):
     xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    g2 = g.reshape(-1, co)
-    taps = []
-    for i in range(kh):
-      for j in range(kw):
-        sl = lax.slice(xp, (0, i, j, 0),
-                       (n, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, ci),
-                       (1, stride, stride, 1))
-        taps.append(jnp.dot(sl.reshape(-1, ci).T, g2, preferred_element_type=jnp.float32))
-    dk = jnp.stack(taps).reshape(kh, kw, ci, co)
+    if stride == 1 and co < ci:
+      dk = _filter_grad_shift_g(xp, g, kh, kw)
+    else:
+      g2 = g.reshape(-1, co)
+      taps = []
+      for i in range(kh):
+        for j in range(kw):
+          sl = lax.slice(xp, (0, i, j, 0),
+                         (n, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, ci),
+                         (1, stride, stride, 1))
+          taps.append(jnp.dot(sl.reshape(-1, ci).T, g2, preferred_element_type=jnp.float32))
+      dk = jnp.stack(taps).reshape(kh, kw, ci, co)
   return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+def _filter_grad_shift_g(xp, g, kh, kw):
+  """Stride-1 filter gradient that shifts g instead of x (cheaper when C_out < C_in).
+
+  dk[i, j] = sum_p xp[p + (i, j)]^T g[p] = sum_q xp[q]^T g_ij[q], with g_ij = g
+  placed at offset (i, j) in xp's frame (zeros elsewhere): the kh*kw shifted
+  copies are of the narrow g, and all taps are one matmul [C_in, kh*kw*C_out].
+  """
+  n, hp, wp, ci = xp.shape
+  _, ho, wo, co = g.shape
+  shifted = [jnp.pad(g, ((0, 0), (i, hp - ho - i), (j, wp - wo - j), (0, 0)))
+             for i in range(kh) for j in range(kw)]
+  g_all = jnp.concatenate(shifted, axis=-1).reshape(-1, kh * kw * co)
+  dk = jnp.dot(xp.reshape(-1, ci).T, g_all, preferred_element_type=jnp.float32)
+  return dk.reshape(ci, kh, kw, co).transpose(1, 2, 0, 3)
 
 
 _conv_explicit_grad.defvjp(_conv_fwd, _conv_bwd)
