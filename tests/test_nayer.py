@@ -375,3 +375,32 @@ def test_fashion_mnist_setting_is_valid():
   s, k = cfg.synthesis, cfg.kd
   assert s.batch_size % 10 == 0 and k.pre_rounds == s.adv_start_round
   assert s.pool_size == s.batch_size * (k.pre_rounds * k.pre_loops + k.epochs * s.g_loops)
+
+
+@pytest.mark.slow  # two short runs of the runner (~1-2 min idle)
+def test_runner_warmup_and_exact_resume(tmp_path):
+  """configs/fashion_mnist.py:method=nayer,quick with a random teacher: 1 warm-up
+  pre-round of kd.pre_loops loops (no KD, L_adv off), then 2 KD epochs of g_loops
+  loops each; stopped after round 2 and resumed, it ends bit-identical to the
+  uninterrupted run (generator, BN EMA, pool, embeddings, student)."""
+  from tests.helpers import load_checkpoint  # pylint: disable=g-import-not-at-top
+  cfg = fashion_mnist.get_config('method=nayer,quick')
+  cfg.teacher.checkpoint = 'random'
+  cfg.data.eval_limit = 32
+  cfg.log.grid_every_rounds = 10 ** 6
+  s, k = cfg.synthesis, cfg.kd
+  assert (k.pre_rounds, k.pre_loops, s.g_loops, k.epochs) == (1, 2, 2, 2)
+  full, resumed = str(tmp_path / 'full'), str(tmp_path / 'resumed')
+  summary = runner.run(cfg, full)
+  stop = cfg.copy_and_resolve_references()
+  stop.log.stop_after_rounds = 2
+  assert 'stopped_at_round' in runner.run(stop, resumed)
+  runner.run(cfg, resumed)
+  rows = cmi_jax.report.read_metrics(f'{full}/metrics.jsonl')
+  assert [r['pool_size'] for r in rows] == [s.batch_size * n for n in (2, 4, 6)]
+  assert 'kd_loss' not in rows[0] and 'l_adv' not in rows[0]  # warm-up: no KD, no L_adv
+  assert 'kd_loss' in rows[1] and 'l_adv' in rows[1]
+  a, meta_a = load_checkpoint(full)
+  b, meta_b = load_checkpoint(resumed)
+  assert meta_a['round'] == meta_b['round'] == 3 and summary['rounds'] == 3
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
