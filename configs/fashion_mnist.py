@@ -7,7 +7,8 @@ shipped in the repo); student: wrn_16_1 from scratch, data-free. Sized to finish
 about 10 minutes on a 2-core CPU (the README states the accuracy reached). Other
 methods: `:method=deepinv` etc. (see cmi_jax/synthesis/presets.py); `:quick` is a
 seconds-long smoke run. A baseline keeps its preset's own per-round schedule
-(g_steps, kd_steps; DeepInversion and the two-stage recipe are hours on a CPU).
+(g_steps, kd_steps; DeepInversion and the two-stage recipe are hours on a CPU);
+`:method=fast5` (and fast2, fast10) runs FastDFKD at CPU size (~8 minutes).
 
 `:full` is the paper's CIFAR schedule on the same teacher, for a GPU:
 
@@ -59,6 +60,12 @@ def get_config(arg=None):
     k.batch_size, k.kd_steps, k.ep_steps, k.epochs = 64, 60, 60, 12
     k.pre_rounds, k.pre_loops = 2, 5
     s.pool_size = keep_all_pool_size(c)
+  if c.synthesis.algorithm == 'fast' and not a['full']:
+    # FastDFKD at CPU size (benchmarks/time_to_accuracy.py): batch 64, 10 synthesis-only
+    # warm-up rounds (L_adv from the 10th), then 10 epochs of 5 rounds x 30 KD steps; the
+    # pool keeps every image (64 x 60 rounds); no reset_l0 (a round-140 event).
+    s.pool_size, s.adv_start_round, s.reset_l0_round = 8192, 9, -1
+    k.batch_size, k.pre_rounds, k.kd_steps, k.ep_steps, k.epochs = 64, 10, 30, 150, 10
   if a['quick']:
     apply_quick(c)
   return c
