@@ -151,3 +151,18 @@ def test_sigterm_stops_cleanly_and_resumes_exactly(tmp_path, monkeypatch):
   state_resumed, meta_resumed = load_checkpoint(stopped)
   assert meta_full == meta_resumed
   assert_trees_equal(state_full, state_resumed)
+
+
+def test_checkpoint_speed_benchmark_tiny(tmp_path):
+  """benchmarks/checkpoint_speed.py at 1/512 of the CIFAR sizes: the state's layout and
+  sizes, and sync vs async timings that are consistent (async blocks at most its total)."""
+  from benchmarks import checkpoint_speed  # pylint: disable=g-import-not-at-top
+  state = checkpoint_speed.cifar_state(512)
+  assert state['synth']['bank']['data'].shape == (80, 5408)
+  assert state['synth']['pool']['images'].shape == (100, 32, 32, 3)
+  full = 40960 * 5408 * 4 + 51200 * (3072 + 4) + 3 * 8_000_000 * 4 + 2 * 11_200_000 * 4
+  assert abs(checkpoint_speed.nbytes(state) * 512 - full) / full < 0.01  # 1.23 GB at scale 1
+  for async_save in (False, True):
+    r = checkpoint_speed.bench(state, async_save, 1, str(tmp_path / str(async_save)))
+    assert 0 < r['blocking_s'] <= r['total_s'] and r['async'] == async_save
+    assert not os.path.exists(tmp_path / str(async_save))  # cleaned up
