@@ -86,6 +86,17 @@ EXPECTED = {
               dict(batch_size=512, lr=0.2, lr_min=2e-4, pre_rounds=20, pre_oh=0.5,
                    pre_loops=10)),
 }
+# FastDFKD (successor-methods.md 1.5, scripts/fast_cifar.sh): its own round; K / lr_g / lr_z
+# per variant, crop+flip view, bn 10 / oh 0.4 / adv 1.1 (wrn rows; on from round 20), 20
+# synthesis-only warm-up rounds with the same loss, reset_l0 at round 140; KD batch 256,
+# lr 0.2 cosine to 2e-4; every image kept: 220 x 256.
+for _name, (_k, _lr_g, _lr_z) in {'fast2': (2, 5e-3, 0.015), 'fast5': (5, 3e-3, 0.01),
+                                  'fast10': (10, 2e-3, 0.01)}.items():
+  EXPECTED[_name] = (dict(algorithm='fast', views='crop', g_steps=_k, lr_g=_lr_g, lr_z=_lr_z,
+                          pool_size=56320, adv_start_round=19, reset_l0_round=139),
+                     dict(bn=10.0, oh=0.4, adv=1.1, cr=0.0),
+                     dict(batch_size=256, lr=0.2, lr_min=2e-4, pre_rounds=20, pre_adv=1.1,
+                          pre_oh=0.4))
 
 # The unweighted terms a synthesis call computes (with a student).
 TERMS = {
@@ -95,6 +106,7 @@ TERMS = {
     'cmi_no_contrast': {'bn', 'oh', 'adv'}, 'cmi_no_adv': {'bn', 'oh', 'cr'},
     'deepinv': {'bn', 'oh', 'adv', 'tv'}, 'dafl': {'oh', 'act', 'balance'}, 'zskt': {'adv'},
     'dfq': {'bn', 'oh', 'adv', 'balance'}, 'dfad': {'adv'}, 'nayer': {'bn', 'oh', 'adv'},
+    'fast2': {'bn', 'oh', 'adv'}, 'fast5': {'bn', 'oh', 'adv'}, 'fast10': {'bn', 'oh', 'adv'},
 }
 
 
@@ -180,6 +192,10 @@ def test_library_overrides_and_unknown_method():
 # structure and every weight and lr stay the preset's).
 CPU_RESIZED = {'nayer': {'batch_size', 'g_steps', 'pool_size', 'adv_start_round', 'g_life',
                          'kd_steps', 'ep_steps', 'epochs', 'pre_rounds', 'pre_loops'}}
+# FastDFKD's likewise (batch 64, 10 warm-up rounds, 5 rounds x 30 KD steps per epoch).
+CPU_RESIZED.update({name: {'batch_size', 'pool_size', 'adv_start_round', 'reset_l0_round',
+                           'kd_steps', 'ep_steps', 'epochs', 'pre_rounds'}
+                    for name in ('fast2', 'fast5', 'fast10')})
 
 
 def test_fashion_mnist_config_keeps_each_presets_schedule():
