@@ -166,3 +166,22 @@ def test_checkpoint_speed_benchmark_tiny(tmp_path):
     r = checkpoint_speed.bench(state, async_save, 1, str(tmp_path / str(async_save)))
     assert 0 < r['blocking_s'] <= r['total_s'] and r['async'] == async_save
     assert not os.path.exists(tmp_path / str(async_save))  # cleaned up
+
+
+def test_pending_save_keeps_its_buffer_from_donation(tmp_path):
+  """The round right after an async save donates the saved arrays: the checkpoint
+  still holds the values of the save (on CPU orbax's host copy is a view of the
+  buffer, and JAX declines to donate a buffer a pending save references; without a
+  save the same call donates it)."""
+  x = jax.device_put(jnp.arange(1000, dtype=jnp.float32), jax.devices()[0])
+  step = jax.jit(lambda a: a * 3 + 1, donate_argnums=0)
+  x = step(x)
+  y = step(x)
+  assert x.is_deleted()  # donation works here
+  ckpt = Checkpointer(str(tmp_path / 'ck'))
+  ckpt.save(1, {'a': y}, {})
+  z = step(y)
+  ckpt.wait()
+  restored, _ = ckpt.restore({'a': jax.ShapeDtypeStruct(z.shape, z.dtype, sharding=z.sharding)})
+  np.testing.assert_array_equal(np.asarray(restored['a']), (np.arange(1000) * 3 + 1) * 3 + 1)
+  ckpt.close()
