@@ -15,8 +15,9 @@ on the CPU backend it is a zero-copy view, and JAX then declines to donate a
 buffer that the pending save still references (the round gets a fresh one), so
 the saved values are never overwritten either way. A new `save` (and `restore`,
 `close`) first waits for the save in flight, so at most one is pending; `wait`
-blocks until it is on disk. benchmarks/checkpoint_speed.py measures the blocking
-time. Faults (issue 13, tests/test_faults.py): `restore` of the latest
+blocks until it is on disk. benchmarks/checkpoint_speed.py measures the blocking time.
+
+Faults (issue 13, tests/test_faults.py): `restore` of the latest
 checkpoint falls back to the newest one that reads back (warning what was wrong,
 and setting the damaged ones aside as `<step>.corrupt-<time>`), or raises a
 `CheckpointError` naming the folder and the choices when none does. A save that
