@@ -196,7 +196,7 @@ def synthesize_dataset(teacher, cfg, num_images: int, out: str, seed: int = 0,
     state, meta = restored
     _check_same(meta['settings'], settings, out)
     print(f'Resuming {out}: {int(state.pool.count)}/{num_images} images after '
-          f'{int(state.round)} rounds.')
+          f'{int(state.round)} round(s).')
   t0 = time.time()
   count = int(state.pool.count)
   bar = tqdm(total=num_images, initial=min(count, num_images), unit='img',
