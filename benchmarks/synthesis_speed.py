@@ -293,6 +293,7 @@ def _timed(fn, n) -> float:
 def bench(name: str, shape, batch: int, long: int, short: int, repeats: int, quick: bool,
           use_torch: bool, profile: bool) -> dict:
   is_kd = 'kd' in name
+  load_start = os.getloadavg()[0]  # contention on a shared machine: recorded with the row
   torch, tb = _torch() if use_torch else (None, None)
   jx = (_JaxKD if is_kd else _JaxSynthesis)(shape, batch, long, short, quick)
   tr = None
@@ -310,7 +311,8 @@ def bench(name: str, shape, batch: int, long: int, short: int, repeats: int, qui
   row = {'setting': name, 'kind': 'kd_step' if is_kd else 'synthesis_iteration',
          'image_shape': list(shape), 'batch_size': batch, 'long': long, 'short': short,
          'repeats': repeats, 'jax_compile_s': jx.compile_s,
-         'date': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}
+         'date': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+         'loadavg_1min': [load_start, os.getloadavg()[0]]}
   for s in sides:
     med = {n: statistics.median(v) for n, v in times[s].items()}
     row[f'{s}_round_s'] = {str(n): v for n, v in times[s].items()}
@@ -339,6 +341,22 @@ def versions(torch) -> dict:
   return out
 
 
+def markdown_table(result: dict) -> str:
+  """The README's side-by-side table from a results dict (rows in SETTINGS order)."""
+  lines = ['| setting | cmi_jax | PyTorch | ratio | cmi_jax time by op family '
+           '(conv fwd / input-grad / filter-grad / matmul / other) | load avg |',
+           '|---|---|---|---|---|---|']
+  for row in result['rows']:
+    torch_s = f"{row['torch_s']:.3f} s" if 'torch_s' in row else '-'
+    ratio = f"{row['ratio_jax_to_torch']:.2f}" if 'ratio_jax_to_torch' in row else '-'
+    frac = row.get('profile', {}).get('fraction', {})
+    fam = ' / '.join(f'{100 * frac[f]:.0f}%' for f in FAMILIES) if frac else '-'
+    load = '-'.join(f'{v:.1f}' for v in row.get('loadavg_1min', []))
+    lines.append(f"| {row['setting']} | {row['jax_s']:.3f} s | {torch_s} | {ratio} | {fam} | "
+                 f'{load} |')
+  return '\n'.join(lines)
+
+
 def main(argv: Optional[List[str]] = None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--quick', action='store_true', help='tiny settings, seconds (smoke test)')
@@ -349,7 +367,12 @@ def main(argv: Optional[List[str]] = None):
   ap.add_argument('--no_torch', action='store_true')
   ap.add_argument('--no_profile', action='store_true')
   ap.add_argument('--out', default=os.path.join(RESULTS, 'synthesis_speed.json'))
+  ap.add_argument('--table', action='store_true', help='print --out as a markdown table, run nothing')
   args = ap.parse_args(argv)
+  if args.table:
+    with open(args.out, encoding='utf-8') as f:
+      print(markdown_table(json.load(f)))
+    return None
   table = QUICK if args.quick else SETTINGS
   names = [s for s in args.settings.split(',') if s] or list(table)
   for n in names:
@@ -379,6 +402,7 @@ def main(argv: Optional[List[str]] = None):
             'teacher': TEACHER, 'student': STUDENT,
             'rows': [merged[k] for k in sorted(merged, key=lambda k: (k not in SETTINGS, k))]}
   write_result(args.out, result)
+  print(markdown_table(result))
   return result
 
 
