@@ -5,8 +5,10 @@ uninterrupted run of the same command.
   flock -x /tmp/cmi_cpu.lock python -m benchmarks.fault_injection            # 20 kills
   python -m benchmarks.fault_injection --kills=3 --epochs=2 --out=''         # quick look
 
-The run is configs/fashion_mnist.py:quick (the shipped teacher, batch 8, 2 generator
-and 2 KD steps per round) with 3 rounds per epoch, a checkpoint every 2 rounds and
+Every launch runs a snapshot of the code taken at the start (the checkout may be
+edited meanwhile). The run is configs/fashion_mnist.py:quick (the shipped teacher,
+batch 8, 2 generator and 2 KD steps per round) with 3 rounds per epoch, a
+checkpoint every 2 rounds and
 asynchronous checkpoints (so kills land between checkpoints, inside the blocking
 part of a save, and inside a background write). The runner writes its phase and
 round to $CMI_JAX_PHASE_FILE (experiments/guard.py: phase); kill k aims at a phase
@@ -50,12 +52,27 @@ def command(workdir: str, epochs: int, rounds_per_epoch: int, every: int) -> Lis
           '--config.log.max_checkpoints=2', f'--workdir={workdir}']
 
 
-def environment(cache_dir: str, phase_file: str, fast_compile: bool) -> Dict[str, str]:
+SNAPSHOT = ('cmi_jax', 'experiments', 'configs', 'teachers')
+
+
+def snapshot(dest: str) -> str:
+  """Copies the code the runs import into `dest`: every launch runs the same code,
+  even while the checkout is being edited (one edit between two launches makes
+  them trace different programs, which is not what this benchmark measures)."""
+  shutil.rmtree(dest, ignore_errors=True)
+  for name in SNAPSHOT:
+    shutil.copytree(os.path.join(ROOT, name), os.path.join(dest, name),
+                    ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
+  return dest
+
+
+def environment(src: str, cache_dir: str, phase_file: str, fast_compile: bool
+                ) -> Dict[str, str]:
   """Every launch shares a persistent compilation cache (a restart loads its
   programs instead of compiling them); fast_compile turns XLA's slow
   optimizations off (the test suite's setting; the same for every launch)."""
   env = dict(os.environ)
-  env.update(PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=cache_dir,
+  env.update(PYTHONPATH=src, JAX_COMPILATION_CACHE_DIR=cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', JAX_PLATFORMS='cpu',
              CMI_JAX_PHASE_FILE=phase_file)
@@ -97,7 +114,7 @@ def _due(target: str, round_: int, phase: str, r: int, ckpt_dir: str) -> bool:
   return phase == target and r >= round_
 
 
-def launch(cmd, env, log_path, phase_file, target: Optional[str], round_: int, ckpt_dir: str,
+def launch(cmd, env, cwd, log_path, phase_file, target: Optional[str], round_: int, ckpt_dir: str,
            rng: random.Random, timeout_s: float) -> Dict[str, Any]:
   """Runs `cmd`; with a target, SIGKILLs it once the target phase (at or after
   `round_`) is reached, after a random delay. Returns what happened."""
@@ -108,7 +125,7 @@ def launch(cmd, env, log_path, phase_file, target: Optional[str], round_: int, c
   with open(log_path, 'a', encoding='utf-8') as log:
     log.write(f'\n=== launch (target {target} round {round_})\n')
     log.flush()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     killed = None
     while proc.poll() is None:
       if time.time() - t0 > timeout_s:
@@ -173,6 +190,18 @@ def compare(ref: str, run: str) -> Dict[str, Any]:
           'duplicated_steps': duplicated, 'summary_identical': summary_same}
 
 
+def _code_version() -> str:
+  """The commit the snapshot was taken from (+ 'with local edits' when the tree differs)."""
+  try:
+    head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--', *SNAPSHOT], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    return head + (' with local edits' if dirty else '')
+  except (OSError, subprocess.CalledProcessError):
+    return 'unknown'
+
+
 def main(argv=None) -> Dict[str, Any]:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--kills', type=int, default=20)
@@ -198,12 +227,13 @@ def main(argv=None) -> Dict[str, Any]:
       os.remove(os.path.join(a.root, name))
   cache = a.cache or os.path.join(a.root, 'jax_cache')
   phase_file = os.path.join(a.root, 'phase')
-  env = environment(cache, phase_file, a.fast_compile)
+  src = snapshot(os.path.join(a.root, 'src'))
+  env = environment(src, cache, phase_file, a.fast_compile)
   total_rounds = a.epochs * a.rounds_per_epoch
   ckpt_dir = os.path.join(run_dir, 'checkpoints')
   t_start = time.time()
 
-  ref = launch(command(ref_dir, a.epochs, a.rounds_per_epoch, a.checkpoint_every), env,
+  ref = launch(command(ref_dir, a.epochs, a.rounds_per_epoch, a.checkpoint_every), env, src,
                os.path.join(a.root, 'reference.log'), phase_file, None, 0, '', rng, a.timeout_s)
   if ref['rc'] != 0:
     raise SystemExit(f'the uninterrupted run failed (rc {ref["rc"]}); see {a.root}/reference.log')
@@ -215,7 +245,7 @@ def main(argv=None) -> Dict[str, Any]:
   for k in range(a.kills):
     target = TARGETS[k % len(TARGETS)]
     round_ = 1 + (k * total_rounds) // a.kills  # kills spread over the whole run
-    out = launch(cmd, env, log_path, phase_file, target, round_, ckpt_dir, rng, a.timeout_s)
+    out = launch(cmd, env, src, log_path, phase_file, target, round_, ckpt_dir, rng, a.timeout_s)
     launches += 1
     if out['killed'] is None:  # finished before its moment came
       if out['rc'] != 0:
@@ -230,7 +260,7 @@ def main(argv=None) -> Dict[str, Any]:
           f'round {kk["round"]}{", inside a checkpoint write" if kk["in_checkpoint_write"] else ""}'
           f' after {kk["seconds"]:.1f} s', flush=True)
   if not completed:
-    out = launch(cmd, env, log_path, phase_file, None, 0, ckpt_dir, rng, a.timeout_s)
+    out = launch(cmd, env, src, log_path, phase_file, None, 0, ckpt_dir, rng, a.timeout_s)
     launches += 1
     if out['rc'] != 0:
       raise SystemExit(f'the final launch failed with rc {out["rc"]}; see {log_path}')
@@ -256,7 +286,8 @@ def main(argv=None) -> Dict[str, Any]:
                                      'summary.json': list(WALL_CLOCK_SUMMARY) + ['workdir path']},
       'uninterrupted_seconds': round(ref['seconds'], 1),
       'seconds_total': round(time.time() - t_start, 1), 'kill_log': kills,
-      'seed': a.seed, 'fast_compile': a.fast_compile, 'machine': machine_info(),
+      'seed': a.seed, 'fast_compile': a.fast_compile, 'code': _code_version(),
+      'machine': machine_info(),
   }
   print(json.dumps({k: v for k, v in report.items() if k not in ('kill_log', 'machine')},
                    indent=1))
