@@ -16,6 +16,10 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 import numpy as np
 
 
+# Metric-row fields that are wall-clock readings: everything else in a row is
+# reproducible (a resumed run's rows equal an uninterrupted run's without these).
+WALL_CLOCK_KEYS = ('time', 'elapsed_s', 'eval_s')
+
 def _to_py(v: Any) -> Any:
   if isinstance(v, (np.generic, np.ndarray)):
     return v.item() if np.ndim(v) == 0 else np.asarray(v).tolist()

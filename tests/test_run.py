@@ -87,7 +87,7 @@ def assert_trees_equal(a, b):
 
 
 def _without_time(row):
-  return {k: v for k, v in row.items() if k not in ('time', 'elapsed_s', 'eval_s')}  # wall clock
+  return {k: v for k, v in row.items() if k not in report.WALL_CLOCK_KEYS}
 
 
 class _Crash(Exception):
