@@ -310,7 +310,7 @@ def bench(name: str, shape, batch: int, long: int, short: int, repeats: int, qui
         times[s][n].append(_timed(side.run, n))
   row = {'setting': name, 'kind': 'kd_step' if is_kd else 'synthesis_iteration',
          'image_shape': list(shape), 'batch_size': batch, 'long': long, 'short': short,
-         'repeats': repeats, 'jax_compile_s': jx.compile_s,
+         'repeats': repeats, 'jax_compile_s': {str(k): v for k, v in jx.compile_s.items()},
          'date': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
          'loadavg_1min': [load_start, os.getloadavg()[0]]}
   for s in sides:
