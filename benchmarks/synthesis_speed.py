@@ -38,7 +38,6 @@ from typing import Callable, Dict, List, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from benchmarks.common import RESULTS, machine_info, write_result
 from cmi_jax import models

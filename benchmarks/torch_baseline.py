@@ -233,4 +233,4 @@ class KDTrainer:
       self.opt.zero_grad()
       loss.backward()
       self.opt.step()
-    return float(loss)
+    return float(loss.detach())
