@@ -156,7 +156,11 @@ def apply_quick(c) -> None:
   rounds_per_epoch = min(max(k.ep_steps // k.kd_steps, 1), 2)
   k.batch_size, k.kd_steps, k.epochs = 8, 2, 2
   k.ep_steps = k.kd_steps * rounds_per_epoch
+  # Keep L_adv's start where it was relative to the end of the warm-up (FastDFKD: one
+  # round before KD, NAYER: at the first KD round).
+  adv_after_warmup = s.adv_start_round - k.pre_rounds
   k.pre_rounds = min(k.pre_rounds, 1)
+  s.adv_start_round = max(k.pre_rounds + adv_after_warmup, 0) if s.adv_start_round else 0
   k.pre_loops = min(k.pre_loops, 2)
   s.le_emb_size = min(s.le_emb_size, 16)
   c.data.eval_limit, c.data.eval_batch_size = 64, 32

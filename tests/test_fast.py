@@ -461,7 +461,11 @@ def test_synthesize_api_fast5(nets):
       image_shape=SHAPE, num_classes=NUM_CLASSES, mean=(0.5,), std=(0.25,), method='fast5',
       batch_size=B, nz=8, ngf=4, pool_size=64, global_padding=2)
   assert (cfg.algorithm, cfg.g_steps, cfg.lr_g) == ('fast', 5, 3e-3)
-  out = cmi_jax.synthesize(teacher, student=student, config=cfg, rounds=2, rng=0)
+  # Keyword form (explicit shape/classes/normalization with a Teacher object): same config.
+  out = cmi_jax.synthesize(teacher, student=student, rounds=2, rng=0, image_shape=SHAPE,
+                           num_classes=NUM_CLASSES, mean=(0.5,), std=(0.25,), method='fast5',
+                           batch_size=B, nz=8, ngf=4, pool_size=64, global_padding=2)
+  assert out.config == cfg
   assert out.images.shape == (2 * B,) + SHAPE and out.images.dtype == np.uint8
   assert out.labels.shape == (2 * B,) and set(np.unique(out.labels)) <= set(range(NUM_CLASSES))
   assert len(out.metrics) == 2 and out.metrics[0]['loss'].shape == (5,)

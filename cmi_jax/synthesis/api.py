@@ -106,8 +106,11 @@ def synthesize(teacher: Any, *, student: Any = None, rounds: int = 1,
   s = as_teacher(student)[0] if student is not None else None
   if config is None:
     dataset = dataset or info.get('meta', {}).get('dataset')
-    config = make_config(dataset=dataset, image_shape=info.get('input_shape'),
-                         num_classes=info.get('num_classes'), method=method, **overrides)
+    # Explicit image_shape / num_classes / mean / std win over the teacher card's.
+    card = {'image_shape': info.get('input_shape'), 'num_classes': info.get('num_classes')}
+    for k, v in card.items():
+      overrides.setdefault(k, v)
+    config = make_config(dataset=dataset, method=method, **overrides)
   elif overrides:
     raise TypeError('pass either config= or keyword overrides, not both.')
   config.validate()
