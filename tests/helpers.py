@@ -61,3 +61,21 @@ def load_checkpoint(workdir, step=None):
                                                    meta=ocp.args.JsonRestore()))
   mngr.close()
   return jax.tree_util.tree_map(np.asarray, out['state']), out['meta']
+
+
+def teacher_student(num_classes, shape, dtype=None):
+  """A wrn_16_1 teacher whose running statistics are those of random images (so L_bn
+  is of a realistic size) and a student near it (so the adversarial mask is not all
+  zero): the pair the round tests distill between."""
+  from cmi_jax import models  # pylint: disable=g-import-not-at-top
+  from cmi_jax.teacher import Teacher  # pylint: disable=g-import-not-at-top
+  module = models.get('wrn_16_1', num_classes, dtype=dtype)
+  t_vars = models.init(module, jax.random.key(0), (2,) + tuple(shape))
+  x = (jax.random.uniform(jax.random.key(9), (32,) + tuple(shape)) - 0.5) / 0.25
+  _, new = module.apply(t_vars, x, train=True, mutable=['batch_stats', 'taps'])
+  stats = jax.tree_util.tree_map(lambda n, o: (n - 0.9 * o) / 0.1, new['batch_stats'],
+                                 t_vars['batch_stats'])
+  teacher = Teacher(module, {'params': t_vars['params'], 'batch_stats': stats})
+  noise = models.init(module, jax.random.key(1), (2,) + tuple(shape))['params']
+  params = jax.tree_util.tree_map(lambda a, e: a + 0.3 * e * jnp.std(a), t_vars['params'], noise)
+  return teacher, Teacher(module, {'params': params, 'batch_stats': stats})

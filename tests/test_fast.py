@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import cmi_jax
-from cmi_jax import distill, models, parallel
+from cmi_jax import distill, parallel
 from cmi_jax.checkpoint import Checkpointer, abstract
 from cmi_jax.models.layers import BNTap
 from cmi_jax.state import cosine_per_epoch
@@ -25,6 +25,7 @@ from cmi_jax.synthesis.api import make_config
 from cmi_jax.synthesis.cmi import LossWeights, SynthesisConfig, to_uint8
 from cmi_jax.teacher import Teacher
 from experiments import plan
+from tests.helpers import teacher_student
 
 pytestmark = pytest.mark.usefixtures('compilation_cache')
 
@@ -40,18 +41,7 @@ CFG = SynthesisConfig(
 
 
 def _nets():
-  """Teacher (running statistics of random images, so L_bn is realistic) and a
-  student near it (so the adversarial mask is not all zero)."""
-  module = models.get('wrn_16_1', NUM_CLASSES)
-  t_vars = models.init(module, jax.random.key(0), (2,) + SHAPE)
-  x = (jax.random.uniform(jax.random.key(9), (32,) + SHAPE) - 0.5) / 0.25
-  _, new = module.apply(t_vars, x, train=True, mutable=['batch_stats', 'taps'])
-  stats = jax.tree_util.tree_map(lambda n, o: (n - 0.9 * o) / 0.1, new['batch_stats'],
-                                 t_vars['batch_stats'])
-  teacher = Teacher(module, {'params': t_vars['params'], 'batch_stats': stats})
-  noise = models.init(module, jax.random.key(1), (2,) + SHAPE)['params']
-  params = jax.tree_util.tree_map(lambda a, e: a + 0.3 * e * jnp.std(a), t_vars['params'], noise)
-  return teacher, Teacher(module, {'params': params, 'batch_stats': stats})
+  return teacher_student(NUM_CLASSES, SHAPE)
 
 
 @pytest.fixture(scope='module')

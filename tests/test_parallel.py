@@ -21,8 +21,8 @@ from cmi_jax.state import create_classifier_state, sgd
 from cmi_jax.synthesis import cmi, gan
 from cmi_jax.synthesis.bank import ring_add, ring_sample
 from cmi_jax.synthesis.cmi import LossWeights, SynthesisConfig
-from cmi_jax.teacher import Teacher
 from experiments import plan
+from tests.helpers import teacher_student
 
 NUM_CLASSES = 4
 B = 8
@@ -37,20 +37,8 @@ KD_CFG = distill.KDConfig(batch_size=B, temperature=4.0, crop_padding=2, mean=(0
 
 
 def _nets(dtype=None):
-  """Teacher and student (different random weights); the teacher's running
-  statistics are those of random images, so L_bn is of a realistic size."""
-  module = models.get('wrn_16_1', NUM_CLASSES, dtype=dtype)
-  t_vars = models.init(module, jax.random.key(0), (2,) + SHAPE)
-  x = (jax.random.uniform(jax.random.key(9), (32,) + SHAPE) - 0.5) / 0.25
-  _, new = module.apply(t_vars, x, train=True, mutable=['batch_stats', 'taps'])
-  stats = jax.tree_util.tree_map(lambda n, o: (n - 0.9 * o) / 0.1, new['batch_stats'],
-                                 t_vars['batch_stats'])
-  teacher = Teacher(module, {'params': t_vars['params'], 'batch_stats': stats})
-  # A student near the teacher, so the adversarial mask is not all zero.
-  noise = models.init(module, jax.random.key(1), (2,) + SHAPE)['params']
-  params = jax.tree_util.tree_map(lambda a, e: a + 0.3 * e * jnp.std(a), t_vars['params'], noise)
-  student = Teacher(module, {'params': params, 'batch_stats': stats})
-  return teacher, student
+  """Teacher and student (different random weights), see helpers.teacher_student."""
+  return teacher_student(NUM_CLASSES, SHAPE, dtype)
 
 
 @pytest.fixture(scope='module')
