@@ -394,11 +394,9 @@ def synthesis_round(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Te
     # A non-finite step changes nothing; a NaN loss never compares lower, so it
     # is never kept either, while the first finite iterate always is.
     ok = jnp.isfinite(loss) & _all_finite((g_t, g_h))
-    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
-    cand = {'loss': loss, 'x': aux['x'], 'features': aux['features'], 'logits': aux['logits'],
-            'step': i}
-    better = loss < best['loss']
-    best = jax.tree_util.tree_map(lambda n, o: jnp.where(better, n, o), cand, best)
+    keep = lambda new, old: select(ok, new, old)
+    best = track_best(best, {'loss': loss, 'x': aux['x'], 'features': aux['features'],
+                             'logits': aux['logits'], 'step': i})
     row = {'loss': loss, **{f'l_{k}': v for k, v in aux['terms'].items()}}
     return (keep(new_trainables, trainables), keep(new_opt_state, opt_state),
             keep(new_head, head), best, i + 1), row
@@ -422,6 +420,18 @@ def synthesis_round(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Te
   metrics['best_loss'] = best['loss']
   metrics['best_step'] = best['step']
   return new_state, RoundOutput(best['x'], targets, metrics)
+
+
+def select(pred: jax.Array, new, old):
+  """`new` where the traced bool `pred` holds, else `old`, leaf by leaf (a
+  non-finite step or round changes nothing)."""
+  return jax.tree_util.tree_map(lambda n, o: jnp.where(pred, n, o), new, old)
+
+
+def track_best(best: Dict[str, Any], cand: Dict[str, Any]) -> Dict[str, Any]:
+  """The lowest-loss iterate so far: `cand` replaces `best` when its 'loss' is
+  lower (a NaN loss never compares lower, so it is never kept)."""
+  return select(cand['loss'] < best['loss'], cand, best)
 
 
 def _all_finite(tree) -> jax.Array:

@@ -17,7 +17,7 @@ from flax import struct
 from cmi_jax import augment
 from cmi_jax.state import ClassifierState
 from cmi_jax.parallel import constrain
-from cmi_jax.synthesis.cmi import SynthesisConfig, inversion_terms, weighted_sum
+from cmi_jax.synthesis.cmi import SynthesisConfig, inversion_terms, select, weighted_sum
 from cmi_jax.teacher import Teacher
 
 
@@ -72,7 +72,7 @@ def gan_round(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Teacher]
         gen.params, gen.batch_stats, z)
     new = gen.apply_gradients(grads=grads, batch_stats=stats)
     ok = jnp.isfinite(loss)
-    gen = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, gen)
+    gen = select(ok, new, gen)
     return gen, {'loss': loss, **{f'l_{k}': v for k, v in terms.items()}}
 
   gen, rows = jax.lax.scan(step, gen, jax.random.split(rng, cfg.g_steps))

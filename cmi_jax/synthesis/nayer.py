@@ -36,7 +36,8 @@ from cmi_jax.parallel import constrain
 from cmi_jax.synthesis import embeddings, losses
 from cmi_jax.synthesis.bank import RingBuffer, ring_add, ring_init
 from cmi_jax.synthesis.cmi import (RoundOutput, SynthesisConfig, _all_finite, _diagnostics,
-                                   _views, feature_dim, inversion_terms, to_uint8, weighted_sum)
+                                   _views, feature_dim, inversion_terms, select, to_uint8,
+                                   track_best, weighted_sum)
 from cmi_jax.teacher import Teacher
 
 
@@ -158,11 +159,9 @@ def nayer_round(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Teache
       updates, new_opt_state = opt.update(grads, opt_state, params)
       # A non-finite step changes nothing; a NaN loss is never kept as the best.
       ok = jnp.isfinite(loss) & _all_finite(grads)
-      keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
-      cand = {'loss': loss, 'x': aux['x'], 'logits': aux['logits'], 'features': aux['features'],
-              'step': i}
-      better = loss < best['loss']
-      best = jax.tree_util.tree_map(lambda n, o: jnp.where(better, n, o), cand, best)
+      keep = lambda new, old: select(ok, new, old)
+      best = track_best(best, {'loss': loss, 'x': aux['x'], 'logits': aux['logits'],
+                               'features': aux['features'], 'step': i})
       row = {'loss': loss, **{f'l_{k}': v for k, v in aux['terms'].items()}}
       return (keep(optax.apply_updates(params, updates), params),
               keep(aux['stats'], gen_stats), keep(new_opt_state, opt_state), best,
@@ -178,7 +177,7 @@ def nayer_round(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Teache
         step, carry0, jax.random.split(k_steps, cfg.g_steps))
     # 3. EMA from the loop's last (finite) forward; the best iterate into the pool.
     ok = jnp.isfinite(best['loss'])
-    ema = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), ema_next, ema)
+    ema = select(ok, ema_next, ema)
     pool = ring_add(pool, {'images': to_uint8(best['x']), 'targets': y}, ok)
     out = {'x': best['x'], 'y': y, 'logits': best['logits'], 'features': best['features'],
            'best_loss': best['loss'], 'best_step': best['step'], 'rows': rows}
