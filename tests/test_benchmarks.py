@@ -1,6 +1,7 @@
 """The benchmark scripts' own small pieces (the runs themselves live in benchmarks/)."""
 
 import json
+import pytest
 
 from benchmarks.common import write_result
 from benchmarks.fmnist_methods import _mean_std, parse_spec
@@ -24,6 +25,7 @@ def test_write_result_creates_folder(tmp_path):
   assert json.loads(path.read_text()) == {'rows': [1, 2]}
 
 
+@pytest.mark.slow
 def test_synthesis_speed_quick(tmp_path, compilation_cache):
   """The side-by-side speed benchmark's quick path: cmi_jax rounds and KD scans
   timed and profiled per op family (the PyTorch side only where torch exists)."""

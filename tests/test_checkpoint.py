@@ -109,6 +109,7 @@ def test_stop_signal_handler_restores_handlers():
 pytestmark = pytest.mark.usefixtures('compilation_cache')
 
 
+@pytest.mark.slow
 def test_sigterm_stops_cleanly_and_resumes_exactly(tmp_path, monkeypatch):
   """A real SIGTERM to this process during round 1 of 2 (from the metrics writer):
   the run finishes round 1, saves it (off the cadence of every 2 rounds), says how

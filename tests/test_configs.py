@@ -133,6 +133,7 @@ def test_command_line_typo_fails_before_running(tmp_path):
   assert not (tmp_path / 'run').exists()
 
 
+@pytest.mark.slow
 def test_command_line_overrides(tmp_path, cache_dir):
   """`python -m experiments.run` with --config.field=value overrides, once. Pool and
   bank sizes match tests/test_run.py so its CMI round is compiled once per session."""
@@ -188,6 +189,7 @@ def _accuracy(cfg, variables, module, images, labels):
   return distill.evaluate(ev, variables, images, labels, cfg.data.eval_batch_size)['accuracy']
 
 
+@pytest.mark.slow
 def test_cifar10_row_end_to_end(tmp_path):
   """configs/cifar10.py:wrn40_2-wrn16_1,quick, random teacher, one epoch, on CIFAR-10
   files written here: it trains, checkpoints, and evaluates on the written test batch."""

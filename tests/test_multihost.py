@@ -16,6 +16,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from cmi_jax import report
 from tests.helpers import ROOT, load_checkpoint, subprocess_env
@@ -63,6 +64,7 @@ def _rows(workdir):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_and_resume(tmp_path, cache_dir):
   one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
   [(rc, out, err)] = _launch(one, cache_dir, 1, 2)

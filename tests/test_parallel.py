@@ -268,6 +268,7 @@ def _float_dtypes(tree):
   return {a.dtype for a in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(a.dtype, jnp.floating)}
 
 
+@pytest.mark.slow
 def test_bf16_round_tracks_fp32(bf16_round, rounds):
   s16, o16 = bf16_round
   s32, o32 = rounds[1][0]

@@ -42,6 +42,7 @@ def test_accuracy_on_real_test_split_matches_card(shipped):
   assert ev['accuracy'] >= 92.0
 
 
+@pytest.mark.slow
 def test_round_lowers_bn_and_oh_on_shipped_teacher(shipped):
   """60 steps of one CMI round (no student, small batch) against the first step."""
   teacher, _ = shipped
