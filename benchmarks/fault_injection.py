@@ -38,7 +38,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WALL_CLOCK_ROW = ('time', 'elapsed_s', 'eval_s')
+from cmi_jax.report import WALL_CLOCK_KEYS as WALL_CLOCK_ROW  # noqa: E402
 WALL_CLOCK_SUMMARY = ('seconds_this_session',)
 TARGETS = ('synthesis', 'kd', 'checkpoint_write', 'eval', 'log', 'checkpoint', 'setup')
 TMP_MARK = '.orbax-checkpoint-tmp'
