@@ -37,8 +37,9 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
+from cmi_jax.report import WALL_CLOCK_KEYS as WALL_CLOCK_ROW
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from cmi_jax.report import WALL_CLOCK_KEYS as WALL_CLOCK_ROW  # noqa: E402
 WALL_CLOCK_SUMMARY = ('seconds_this_session',)
 TARGETS = ('synthesis', 'kd', 'checkpoint_write', 'eval', 'log', 'checkpoint', 'setup')
 TMP_MARK = '.orbax-checkpoint-tmp'
@@ -205,6 +206,8 @@ def _code_version() -> str:
 def main(argv=None) -> Dict[str, Any]:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--kills', type=int, default=20)
+  p.add_argument('--targets', default=','.join(TARGETS),
+                 help=f'comma list, cycled over the kills (default: all of {TARGETS})')
   p.add_argument('--epochs', type=int, default=6)
   p.add_argument('--rounds_per_epoch', type=int, default=3)
   p.add_argument('--checkpoint_every', type=int, default=2)
@@ -242,8 +245,12 @@ def main(argv=None) -> Dict[str, Any]:
   cmd = command(run_dir, a.epochs, a.rounds_per_epoch, a.checkpoint_every)
   log_path = os.path.join(a.root, 'killed.log')
   kills, launches, completed = [], 0, False
+  targets = [t for t in a.targets.split(',') if t]
+  unknown = sorted(set(targets) - set(TARGETS))
+  if unknown or not targets:
+    raise SystemExit(f'--targets: unknown {unknown or "(empty)"}; choose from {TARGETS}')
   for k in range(a.kills):
-    target = TARGETS[k % len(TARGETS)]
+    target = targets[k % len(targets)]
     round_ = 1 + (k * total_rounds) // a.kills  # kills spread over the whole run
     out = launch(cmd, env, src, log_path, phase_file, target, round_, ckpt_dir, rng, a.timeout_s)
     launches += 1

@@ -53,6 +53,9 @@ METHODS = {
     'fast5': ('fast5', (0, 1, 2), {}, {'epochs': 10}),
     'fast10': ('fast10', (0, 1, 2), {}, {'epochs': 8}),
     'deepinv': ('deepinv', (0,)) + _CMI_SCHEDULE,  # 40 pixel steps per round, not 1000
+    # NAYER: the config's CPU setting (batch 60 = 6 noisy layers x 10 classes, 20 steps
+    # per loop, 2 warm-up rounds of 5 loops, then 12 epochs of 2 loops + 60 KD steps).
+    'nayer': ('nayer', (0, 1, 2), {}, {}),
 }
 
 

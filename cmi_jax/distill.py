@@ -14,7 +14,7 @@ import optax
 
 from cmi_jax import augment
 from cmi_jax.parallel import constrain
-from cmi_jax.state import ClassifierState
+from cmi_jax.state import ClassifierState, select
 from cmi_jax.synthesis.bank import RingBuffer, ring_sample
 from cmi_jax.synthesis.gan import FreshSource
 from cmi_jax.synthesis.gan import sample as gan_sample
@@ -74,7 +74,7 @@ def classifier_step(state: ClassifierState, x: jax.Array,
     loss, grads = jax.lax.pmean((loss, grads), axis_name)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   ok = jnp.isfinite(loss)
-  new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new_state, state)
+  new_state = select(ok, new_state, state)
   return new_state, {'loss': loss, 'logits': logits, 'finite': ok}
 
 

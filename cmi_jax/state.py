@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
@@ -61,3 +62,9 @@ def create_classifier_state(module: nn.Module, rng: jax.Array, input_shape: Sequ
     variables = models.init(module, rng, tuple(input_shape))
   return ClassifierState.create(apply_fn=module.apply, params=variables['params'],
                                 batch_stats=variables['batch_stats'], tx=tx)
+
+
+def select(pred: jax.Array, new, old):
+  """`new` where the traced bool `pred` holds, else `old`, leaf by leaf (a
+  non-finite step or round changes nothing)."""
+  return jax.tree_util.tree_map(lambda n, o: jnp.where(pred, n, o), new, old)

@@ -27,8 +27,14 @@ def _reset_compilation_cache():
 
 @pytest.fixture(scope='session')
 def cache_dir(tmp_path_factory):
-  """One persistent-compilation-cache folder for the whole session."""
-  return str(tmp_path_factory.getbasetemp() / 'jax_cache')
+  """One persistent-compilation-cache folder for the whole session, shared by the
+  pytest-xdist workers (their base temps are siblings), so that a program one
+  worker compiled is a lookup for the other. A half-written entry read by the
+  other worker is a cache miss with a warning (JAX recompiles), never an error."""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    base = base.parent
+  return str(base / 'jax_cache')
 
 
 @pytest.fixture(scope='module')

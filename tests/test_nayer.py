@@ -26,6 +26,8 @@ from configs import cifar10, cifar100, fashion_mnist
 from experiments import plan, runner
 from tests.helpers import random_variables
 
+pytestmark = pytest.mark.usefixtures('compilation_cache')  # whole runs: see conftest
+
 C, B, SHAPE, E_USER = 4, 8, (16, 16, 1), 7
 # The nayer preset through the library's config builder, at test size.
 CFG = cmi_jax.make_config(

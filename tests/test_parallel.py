@@ -24,6 +24,10 @@ from cmi_jax.synthesis.cmi import LossWeights, SynthesisConfig
 from experiments import plan
 from tests.helpers import teacher_student
 
+# XLA's slow optimizations off and the session's compilation cache (see conftest): the
+# sharding (SPMD partitioning) is the same, compilation takes half the time.
+pytestmark = pytest.mark.usefixtures('compilation_cache')
+
 NUM_CLASSES = 4
 B = 8
 SHAPE = (16, 16, 1)
@@ -101,8 +105,8 @@ def kd_chunks(nets, kd_setup):
   return {n: _mesh_kd(n, state, teacher, pool, jax.random.key(7)) for n in (1, 4)}
 
 
-def _assert_close(got, want, rtol, what=''):
-  """Normwise relative error of every leaf: max|got - want| <= rtol * max|want|."""
+def _assert_close(got, want, rtol, what='', atol=0.0):
+  """Normwise relative error of every leaf: max|got - want| <= rtol * max|want| + atol."""
   flat_g = jax.tree_util.tree_leaves_with_path(got)
   flat_w = jax.tree_util.tree_leaves(want)
   assert len(flat_g) == len(flat_w)
@@ -110,7 +114,7 @@ def _assert_close(got, want, rtol, what=''):
     g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
     assert g.shape == w.shape, (what, jax.tree_util.keystr(path))
     err, scale = np.max(np.abs(g - w), initial=0.0), np.max(np.abs(w), initial=0.0)
-    assert err <= rtol * scale + 1e-30, \
+    assert err <= rtol * scale + atol + 1e-30, \
         f'{what}{jax.tree_util.keystr(path)}: max err {err:.3g} vs scale {scale:.3g}'
 
 
@@ -180,9 +184,13 @@ def test_kd_chunk_same_on_1_and_4_devices(kd_chunks, kd_setup):
   (st1, m1), (st4, m4) = kd_chunks[1], kd_chunks[4]
   _, state0, _ = kd_setup
   assert int(st1.step) == int(st4.step) == int(state0.step) + KD_STEPS
-  _assert_close(st4.params, st1.params, 1e-5, 'params')
+  # Gradients are sums over the batch with cancelling terms, so the reduction order
+  # (1 vs 4 devices) moves parameters by up to ~1e-5 (measured: 9e-7 on a BN bias of
+  # scale 9e-4, 8.5e-6 on conv1's kernel of scale 0.25): 1e-4 relative plus an absolute
+  # floor for near-zero leaves; a sharding error would be O(1).
+  _assert_close(st4.params, st1.params, 1e-4, 'params', atol=5e-6)
   _assert_close(st4.batch_stats, st1.batch_stats, 1e-5, 'batch_stats')
-  _assert_close(st4.opt_state, st1.opt_state, 1e-5, 'opt_state')
+  _assert_close(st4.opt_state, st1.opt_state, 1e-4, 'opt_state', atol=5e-5)
   np.testing.assert_allclose(m4['kd_agreement'], m1['kd_agreement'], rtol=1e-5)
   # KL between two nearly equal softmaxes: its relative error is that of the
   # logits times |logits| / |s - t| (~30x here), so 1e-6 in logits is ~3e-5.

@@ -4,6 +4,7 @@ import os
 import re
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, 'README.md')
@@ -27,6 +28,7 @@ def test_readme_starts_with_exactly_two_setup_commands():
   assert ci.strip().splitlines()[-1].strip() == 'python -m pytest'
 
 
+@pytest.mark.usefixtures('compilation_cache')  # three synthesize calls: see conftest
 def test_library_example_runs(monkeypatch):
   """Executes the README's Python example (the synthesize calls) as written."""
   monkeypatch.chdir(ROOT)

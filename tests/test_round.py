@@ -20,6 +20,8 @@ from cmi_jax.synthesis import cmi
 from cmi_jax.synthesis.cmi import LossWeights, SynthesisConfig
 from cmi_jax.teacher import Teacher
 
+pytestmark = pytest.mark.usefixtures('compilation_cache')  # whole runs: see conftest
+
 NUM_CLASSES = 4
 B = 8
 D_WRN_16_1 = 464  # BN-input channels of wrn_16_1: 4*16 + (16 + 3*32) + (32 + 3*64) + 64

@@ -103,7 +103,8 @@ def test_conv_module_upsample_flag():
 
 
 def test_filter_grad_of_narrow_output_matches_xla():
-  """Stride-1 convs with no more output than input channels shift g, not x."""
+  """Stride-1 convs with fewer output than input channels shift g, not x; the rest
+  (equal widths included) take the shifted-x taps; both equal XLA's gradients."""
   from cmi_jax.models import layers  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(5)
   for ksize, ci, co, size in ((3, 6, 2, 5), (2, 5, 3, 4), (1, 4, 1, 3), (3, 4, 4, 6)):

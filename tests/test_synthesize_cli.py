@@ -21,6 +21,8 @@ from cmi_jax.synthesis import api
 from experiments import synthesize
 from tests.helpers import ROOT
 
+pytestmark = pytest.mark.usefixtures('compilation_cache')  # whole runs: see conftest
+
 TEACHER = os.path.join(ROOT, 'teachers', 'fashion_mnist_wrn_16_2')
 TINY = ['--batch_size=8', '--g_steps=2', '--set=n_neg=16', '--set=bank_size=64',
         '--set=ngf=8', '--set=nz=16', '--set=head_dim=16']

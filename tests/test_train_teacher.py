@@ -19,6 +19,8 @@ from cmi_jax.state import create_classifier_state
 from configs import teacher_fashion_mnist
 from experiments import train_teacher
 
+pytestmark = pytest.mark.usefixtures('compilation_cache')  # whole runs: see conftest
+
 
 def _np_log_softmax(z):
   z = z - z.max(axis=-1, keepdims=True)

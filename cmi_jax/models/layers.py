@@ -91,7 +91,10 @@ def _conv_bwd(stride, padding, res, g):
                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   with jax.named_scope('conv_filter_grad'):
     xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    if stride == 1 and co <= ci:
+    # Shift the narrower of g and x: g when C_out < C_in (the generator's last conv);
+    # at C_out == C_in the data moved is the same and kh*kw matmuls over shifted x
+    # measured 14% faster per KD step than one matmul over concatenated shifted g.
+    if stride == 1 and co < ci:
       dk = _filter_grad_shift_g(xp, g, kh, kw)
     else:
       g2 = g.reshape(-1, co)
@@ -107,7 +110,7 @@ def _conv_bwd(stride, padding, res, g):
 
 
 def _filter_grad_shift_g(xp, g, kh, kw):
-  """Stride-1 filter gradient that shifts g instead of x (cheaper when C_out <= C_in).
+  """Stride-1 filter gradient that shifts g instead of x (cheaper when C_out < C_in).
 
   dk[i, j] = sum_p xp[p + (i, j)]^T g[p] = sum_q xp[q]^T g_ij[q], with g_ij = g
   placed at offset (i, j) in xp's frame (zeros elsewhere): the kh*kw shifted

@@ -25,6 +25,7 @@ from flax.training import train_state
 
 from cmi_jax import augment
 from cmi_jax.parallel import constrain
+from cmi_jax.state import select  # re-exported: cmi.select is used by every method
 from cmi_jax.models import Generator, Head
 from cmi_jax.synthesis import losses
 from cmi_jax.synthesis.bank import RingBuffer, ring_add, ring_init, ring_sample_distinct
@@ -420,12 +421,6 @@ def synthesis_round(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Te
   metrics['best_loss'] = best['loss']
   metrics['best_step'] = best['step']
   return new_state, RoundOutput(best['x'], targets, metrics)
-
-
-def select(pred: jax.Array, new, old):
-  """`new` where the traced bool `pred` holds, else `old`, leaf by leaf (a
-  non-finite step or round changes nothing)."""
-  return jax.tree_util.tree_map(lambda n, o: jnp.where(pred, n, o), new, old)
 
 
 def track_best(best: Dict[str, Any], cand: Dict[str, Any]) -> Dict[str, Any]:
