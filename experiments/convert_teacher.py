@@ -15,7 +15,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from cmi_jax import convert, models, teacher_io
+from cmi_jax import convert, errors, models, teacher_io
 
 _ARCH = flags.DEFINE_enum('arch', None, sorted(models.CLASSIFIERS), 'Teacher architecture.')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Zip-format torch .pth file.')
@@ -55,4 +55,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(errors.main_guard(main))  # a damaged or unsafe .pth: one `error:` line, exit 2

@@ -403,6 +403,20 @@ def test_convert_teacher_cli(tmp_path):
   np.testing.assert_array_equal(variables['batch_stats']['bn1']['var'], sd['bn1.running_var'])
 
 
+def test_convert_teacher_cli_damaged_file_is_one_error_line(tmp_path):
+  """A file that is no PyTorch checkpoint: `error: ...` naming it, exit 2, no traceback,
+  nothing written."""
+  bad = tmp_path / 'bad.pth'
+  bad.write_bytes(b'not a zip archive')
+  out = tmp_path / 'teacher'
+  proc = subprocess.run([sys.executable, '-m', 'experiments.convert_teacher', '--arch=wrn_16_1',
+                         f'--checkpoint={bad}', f'--out={out}'], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.startswith('error: ') and str(bad) in proc.stderr, proc.stderr
+  assert 'Traceback' not in proc.stderr and not out.exists()
+
+
 # ----------------------------------------------------------------------------
 # Parity with the reference PyTorch architectures
 # ----------------------------------------------------------------------------
