@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Optional
 
 from benchmarks.common import RESULTS, machine_info, write_result
 
@@ -236,6 +237,56 @@ def plot(results: list, path: str) -> None:
   print(f'wrote {path}')
 
 
+LABELS = {'cmi': 'CMI (`cmi`)', 'cmi_no_contrast': 'CMI without L_cr (`cmi_no_contrast`)',
+          'fast2': 'FastDFKD Fast-2 (`fast2`)', 'fast5': 'FastDFKD Fast-5 (`fast5`)',
+          'fast10': 'FastDFKD Fast-10 (`fast10`)', 'deepinv': 'DeepInversion (`deepinv`)',
+          'nayer': 'NAYER (`nayer`)'}
+
+
+def _pool_size(root: str, method: str, seed: int) -> Optional[int]:
+  """Synthetic images in the pool at the end of a run (its last metrics row)."""
+  path = os.path.join(root, f'{method}_s{seed}', 'metrics.jsonl')
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  sizes = [r['pool_size'] for r in rows if 'pool_size' in r]
+  return sizes[-1] if sizes else None
+
+
+def markdown_table(result: dict, root: str) -> str:
+  """The README's table: per method, mean (and min-max over seeds) of each figure;
+  a time to a target counts the seeds that reached it."""
+  def span(vals, fmt):
+    vals = [v for v in vals if v is not None]
+    if not vals:
+      return 'n/a'
+    mean = sum(vals) / len(vals)
+    lo, hi = fmt(min(vals)), fmt(max(vals))
+    return fmt(mean) if lo == hi else f'{fmt(mean)} ({lo}-{hi})'
+
+  lines = ['| method | seeds | time to 80 % | time to 84.4 % | final % | best % | training s '
+           '| TFLOPs | images |', '|---' * 9 + '|']
+  for row in result['summary']:
+    m = row['method']
+    runs = [r for r in result['runs'] if r['method'] == m and r['curve']]
+    cells = [LABELS.get(m, m), ', '.join(str(s) for s in row['seeds'])]
+    for t in TARGETS:
+      times = row[f'time_to_{t:.1f}_s']
+      hit = [x for x in times if x is not None]
+      cells.append('not reached' if not hit else
+                   span(hit, lambda v: f'{v:.0f} s') +
+                   ('' if len(hit) == len(times) else f' ({len(hit)} of {len(times)} seeds)'))
+    cells.append(span([r['curve'][-1]['accuracy'] for r in runs], lambda v: f'{v:.2f}'))
+    cells.append(span([max(p['accuracy'] for p in r['curve']) for r in runs],
+                      lambda v: f'{v:.2f}'))
+    cells.append(span([r['curve'][-1]['train_s'] for r in runs], lambda v: f'{v:.0f}'))
+    cells.append(span([r['curve'][-1]['flops'] / 1e12 for r in runs], lambda v: f'{v:.1f}'))
+    cells.append(span([_pool_size(root, m, r['seed']) for r in runs], lambda v: f'{v:.0f}'))
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
 def report(root: str, out: str) -> None:
   results = []
   for method in METHODS:
@@ -264,8 +315,14 @@ def main():
   ap.add_argument('--max_seconds', type=float, default=540.0)
   ap.add_argument('--out', default=os.path.join(RESULTS, 'time_to_accuracy.json'))
   ap.add_argument('--report', action='store_true', help='only rewrite the JSON and plot')
+  ap.add_argument('--table', action='store_true',
+                  help="print --out as the README's markdown table (reads pool sizes from --root)")
   ap.add_argument('--one', default='', help=argparse.SUPPRESS)  # child: method:seed
   args = ap.parse_args()
+  if args.table:
+    with open(args.out, encoding='utf-8') as f:
+      print(markdown_table(json.load(f), args.root))
+    return
   if args.one:
     method, seed = args.one.split(':')
     run_one(method, int(seed), os.path.join(args.root, f'{method}_s{seed}'), args.max_seconds)

@@ -61,3 +61,32 @@ def test_profile_conv_families():
       'conv_fwd', 'conv_input_grad', 'conv_filter_grad', 'conv_input_grad']
   assert _dot_family('metadata={op_name="a/conv_filter_grad/dot_general"}') == 'conv_filter_grad'
   assert _dot_family('metadata={op_name="a/Head/head/0/dot_general"}') == 'matmul'
+
+
+def test_time_to_accuracy_table(tmp_path):
+  """The README table from a results dict: means with min-max over seeds, the seeds
+  that reached a target counted, pool sizes read from each run's last metrics row."""
+  from benchmarks import time_to_accuracy as tta  # pylint: disable=import-outside-toplevel
+
+  def run(seed, accs, secs):
+    curve = [{'accuracy': a, 'train_s': t, 'flops': 2e12 * (i + 1)}
+             for i, (a, t) in enumerate(zip(accs, secs))]
+    return {'method': 'fast5', 'seed': seed, 'curve': curve}
+
+  runs = [run(0, [70.0, 85.0, 86.0], [10.0, 20.0, 30.0]),
+          run(1, [60.0, 81.0, 83.0], [12.0, 24.0, 36.0])]
+  for seed, size in ((0, 128), (1, 192)):
+    d = tmp_path / f'fast5_s{seed}'
+    d.mkdir()
+    (d / 'metrics.jsonl').write_text(
+        json.dumps({'round': 1, 'pool_size': 64}) + '\n' +
+        json.dumps({'round': 2, 'pool_size': size}) + '\n')
+  table = tta.markdown_table({'summary': tta.summarize(runs), 'runs': runs}, str(tmp_path))
+  row = table.splitlines()[2].split(' | ')
+  assert row[0] == '| FastDFKD Fast-5 (`fast5`)' and row[1] == '0, 1'
+  assert row[2] == '22 s (20 s-24 s)'            # time to 80 %: both seeds
+  assert row[3] == '20 s (1 of 2 seeds)'          # time to 84.4 %: seed 0 only
+  assert row[4] == '84.50 (83.00-86.00)'          # final
+  assert row[5] == '84.50 (83.00-86.00)'          # best
+  assert row[6] == '33 (30-36)' and row[7] == '6.0'
+  assert row[8] == '160 (128-192) |'
