@@ -37,7 +37,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
-from cmi_jax.report import WALL_CLOCK_KEYS as WALL_CLOCK_ROW
+from cmi_jax.report import WALL_CLOCK_KEYS as WALL_CLOCK_ROW, without_wall_clock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WALL_CLOCK_SUMMARY = ('seconds_this_session',)
@@ -175,14 +175,13 @@ def compare(ref: str, run: str) -> Dict[str, Any]:
   diff_arrays = [jax.tree_util.keystr(p) for (p, a), (_, b) in zip(la, lb)
                  if a.dtype != b.dtype or not np.array_equal(a, b)]
   state_same = ta == tb and not diff_arrays
-  strip = lambda r: {k: v for k, v in r.items() if k not in WALL_CLOCK_ROW}
   ra, rb = _rows(ref), _rows(run)
   counts = collections.Counter(r['step'] for r in rb)
   expected = {r['step'] for r in ra}
   lost = sorted(expected - set(counts))
   duplicated = sorted(s for s, c in counts.items() if c > 1)
-  rows_same = [json.dumps(strip(r), sort_keys=True) for r in ra] == \
-      [json.dumps(strip(r), sort_keys=True) for r in rb]
+  rows_same = [json.dumps(without_wall_clock(r), sort_keys=True) for r in ra] == \
+      [json.dumps(without_wall_clock(r), sort_keys=True) for r in rb]
   summary_same = _summary(ref) == _summary(run)
   return {'state_identical': bool(state_same), 'arrays_compared': len(la),
           'arrays_differing': diff_arrays[:10], 'meta_identical': ma == mb,

@@ -20,6 +20,12 @@ import numpy as np
 # reproducible (a resumed run's rows equal an uninterrupted run's without these).
 WALL_CLOCK_KEYS = ('time', 'elapsed_s', 'eval_s')
 
+
+def without_wall_clock(row: Mapping[str, Any]) -> Dict[str, Any]:
+  """A metrics row without its WALL_CLOCK_KEYS: what a resumed run must reproduce."""
+  return {k: v for k, v in row.items() if k not in WALL_CLOCK_KEYS}
+
+
 def _to_py(v: Any) -> Any:
   if isinstance(v, (np.generic, np.ndarray)):
     return v.item() if np.ndim(v) == 0 else np.asarray(v).tolist()

@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cmi_jax import report
 from cmi_jax.checkpoint import Checkpointer, abstract
 from experiments import runner
-from tests.test_run import (_no_plots, _without_time, assert_trees_equal, checkpoint_steps,
+from tests.test_run import (_no_plots, assert_trees_equal, checkpoint_steps,
                             rows_of, tiny_config)
 from tests.helpers import load_checkpoint
 
@@ -147,7 +148,7 @@ def test_sigterm_stops_cleanly_and_resumes_exactly(tmp_path, monkeypatch):
   rows_full, rows_resumed = rows_of(full), rows_of(stopped)
   assert [r['step'] for r in rows_resumed] == [1, 2]
   for a, b in zip(rows_full, rows_resumed):
-    assert _without_time(a) == _without_time(b)
+    assert report.without_wall_clock(a) == report.without_wall_clock(b)
   state_full, meta_full = load_checkpoint(full)
   state_resumed, meta_resumed = load_checkpoint(stopped)
   assert meta_full == meta_resumed

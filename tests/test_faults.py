@@ -568,8 +568,7 @@ def test_runner_survives_full_disk_then_corrupt_checkpoint(tmp_path, monkeypatch
     out = capsys.readouterr().out
     assert 'previous complete checkpoint, step 1' in out and 'Resuming' in out
     assert_trees_equal(_checkpoint(ref)[0], _checkpoint(workdir)[0])
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in report.WALL_CLOCK_KEYS}
-                          for r in rows]
+    strip = lambda rows: [report.without_wall_clock(r) for r in rows]
     assert strip(report.read_metrics(os.path.join(ref, 'metrics.jsonl'))) == \
         strip(report.read_metrics(os.path.join(workdir, 'metrics.jsonl')))
   finally:
