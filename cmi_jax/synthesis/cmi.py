@@ -25,7 +25,7 @@ from flax.training import train_state
 
 from cmi_jax import augment
 from cmi_jax.parallel import constrain
-from cmi_jax.state import select  # re-exported: cmi.select is used by every method
+from cmi_jax.state import select
 from cmi_jax.models import Generator, Head
 from cmi_jax.synthesis import losses
 from cmi_jax.synthesis.bank import RingBuffer, ring_add, ring_init, ring_sample_distinct

@@ -36,7 +36,7 @@ import optax
 from flax import struct
 
 from cmi_jax.parallel import constrain
-from cmi_jax.state import ClassifierState
+from cmi_jax.state import ClassifierState, select
 from cmi_jax.synthesis import cmi, gan, losses
 from cmi_jax.synthesis.bank import RingBuffer, ring_add, ring_init
 from cmi_jax.synthesis.cmi import RoundOutput, SynthesisConfig, to_uint8
@@ -183,7 +183,7 @@ def inner_loop(loss_fn: Callable, opt: optax.GradientTransformation, fast0: Dict
     (loss, aux), g = grad_fn(fast, key)
     ok = jnp.isfinite(loss) & cmi._all_finite(g)  # pylint: disable=protected-access
     updates, new_opt_state = opt.update(g, opt_state, fast)
-    sel = lambda new, old: cmi.select(ok, new, old)
+    sel = lambda new, old: select(ok, new, old)
     new_acc = jax.tree_util.tree_map(jnp.add, acc, g['generator'])
     best = cmi.track_best(best, {'loss': loss, 'step': i, 'aux': aux['best']})
     carry = (sel(optax.apply_updates(fast, updates), fast), sel(new_opt_state, opt_state),
@@ -227,7 +227,7 @@ def fast_round(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Teacher
 
   ok = jnp.isfinite(best['loss']) & cmi._all_finite(meta_grad)  # pylint: disable=protected-access
   gen = state.gen.replace(params=theta).apply_gradients(grads=meta_grad)
-  keep = lambda new, old: cmi.select(ok, new, old)
+  keep = lambda new, old: select(ok, new, old)
   kept = best['aux']
   pool = ring_add(state.pool, {'images': to_uint8(kept['x']), 'targets': targets}, ok)
   new_state = FastState(keep(gen, state.gen), keep(ema, state.bn_ema), pool, state.round + 1)

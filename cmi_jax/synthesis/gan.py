@@ -15,9 +15,9 @@ import optax
 from flax import struct
 
 from cmi_jax import augment
-from cmi_jax.state import ClassifierState
+from cmi_jax.state import ClassifierState, select
 from cmi_jax.parallel import constrain
-from cmi_jax.synthesis.cmi import SynthesisConfig, inversion_terms, select, weighted_sum
+from cmi_jax.synthesis.cmi import SynthesisConfig, inversion_terms, weighted_sum
 from cmi_jax.teacher import Teacher
 
 

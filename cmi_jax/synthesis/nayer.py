@@ -33,11 +33,12 @@ from flax import struct
 from cmi_jax.models import NLGenerator
 from cmi_jax.models.generator import reinit_noisy
 from cmi_jax.parallel import constrain
+from cmi_jax.state import select
 from cmi_jax.synthesis import embeddings, losses
 from cmi_jax.synthesis.bank import RingBuffer, ring_add, ring_init
 from cmi_jax.synthesis.cmi import (RoundOutput, SynthesisConfig, _all_finite, _diagnostics,
-                                   _views, feature_dim, inversion_terms, select, to_uint8,
-                                   track_best, weighted_sum)
+                                   _views, feature_dim, inversion_terms, to_uint8, track_best,
+                                   weighted_sum)
 from cmi_jax.teacher import Teacher
 
 
