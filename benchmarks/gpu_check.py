@@ -82,7 +82,7 @@ def speed_row(teacher_arch: str, dtype: str, batch: int, g_steps: int, kd_steps:
   from cmi_jax.state import create_classifier_state, sgd  # pylint: disable=import-outside-toplevel
   from cmi_jax.synthesis import algorithms  # pylint: disable=import-outside-toplevel
   from cmi_jax.synthesis.bank import ring_add  # pylint: disable=import-outside-toplevel
-  from cmi_jax.synthesis.cmi import SynthesisConfig  # pylint: disable=import-outside-toplevel
+  from cmi_jax.synthesis.config import SynthesisConfig  # pylint: disable=import-outside-toplevel
   from cmi_jax.teacher import Teacher  # pylint: disable=import-outside-toplevel
 
   cdt = jnp.bfloat16 if dtype == 'bfloat16' else jnp.float32

@@ -60,6 +60,7 @@ def worker(n: int, per_device: int, s: dict) -> dict:
   from cmi_jax import distill, models, parallel  # pylint: disable=g-import-not-at-top
   from cmi_jax.state import create_classifier_state, sgd  # pylint: disable=g-import-not-at-top
   from cmi_jax.synthesis import cmi  # pylint: disable=g-import-not-at-top
+  from cmi_jax.synthesis.config import SynthesisConfig  # pylint: disable=g-import-not-at-top
   from cmi_jax.synthesis.bank import ring_add  # pylint: disable=g-import-not-at-top
   from cmi_jax.teacher import Teacher  # pylint: disable=g-import-not-at-top
   from experiments import plan  # pylint: disable=g-import-not-at-top
@@ -71,7 +72,7 @@ def worker(n: int, per_device: int, s: dict) -> dict:
   t_mod, s_mod = models.get(s['teacher'], 10), models.get(s['student'], 10)
   teacher = Teacher(t_mod, models.init(t_mod, key, (1,) + shape))
   student = Teacher(s_mod, models.init(s_mod, jax.random.fold_in(key, 1), (1,) + shape))
-  cfg = cmi.SynthesisConfig(
+  cfg = SynthesisConfig(
       image_shape=shape, num_classes=10, mean=(0.5,) * c, std=(0.25,) * c, batch_size=b,
       g_steps=s['g_steps'], n_neg=s['n_neg'], bank_size=s['bank_size'],
       pool_size=max(4 * b, 256), nz=s['nz'], ngf=s['ngf'], global_padding=shape[0] // 8).validate()

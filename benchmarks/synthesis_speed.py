@@ -44,7 +44,8 @@ from cmi_jax import models
 from cmi_jax.distill import KDConfig, kd_steps
 from cmi_jax.state import create_classifier_state, sgd
 from cmi_jax.synthesis.bank import ring_add, ring_init
-from cmi_jax.synthesis.cmi import SynthesisConfig, init_state, synthesis_round
+from cmi_jax.synthesis.cmi import init_state, synthesis_round
+from cmi_jax.synthesis.config import SynthesisConfig
 from cmi_jax.teacher import Teacher
 
 TEACHER, STUDENT = 'wrn_16_2', 'wrn_16_1'

@@ -11,7 +11,8 @@ Public API:
 from cmi_jax import distill, models
 from cmi_jax.synthesis import presets
 from cmi_jax.synthesis.api import SynthesisResult, make_config, synthesize
-from cmi_jax.synthesis.cmi import LossWeights, SynthesisConfig, SynthState, synthesis_round
+from cmi_jax.synthesis.cmi import SynthState, synthesis_round
+from cmi_jax.synthesis.config import LossWeights, SynthesisConfig
 from cmi_jax.teacher import Teacher
 
 __version__ = '0.1.0'

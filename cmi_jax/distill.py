@@ -1,6 +1,7 @@
 """Classifier updates and evaluation: the KD step (student from the teacher on
 synthetic images) and the supervised step (teachers / students from scratch)
-share one update, `classifier_step`.
+share one update, `classifier_step`; the KD step's pmap shim (`pmap_kd_step`)
+and the multi-host evaluation (`evaluate_on_hosts`) sit beside their steps.
 """
 
 import dataclasses
@@ -11,8 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cmi_jax import augment
+from cmi_jax import augment, parallel
 from cmi_jax.parallel import constrain
 from cmi_jax.state import ClassifierState, select
 from cmi_jax.synthesis.bank import RingBuffer, ring_sample
@@ -133,6 +135,45 @@ def kd_steps(cfg: KDConfig, state: ClassifierState, teacher: Teacher,
   return state, jax.tree_util.tree_map(jnp.mean, rows)
 
 
+def pmap_kd_step(cfg, student_module, axis_name: str = parallel.PMAP_AXIS,
+                 devices: Optional[Any] = None) -> Callable:
+  """`kd_step` under `jax.pmap` (legacy shim; mesh-jit is the main path).
+
+  Args:
+    cfg: the distill.KDConfig.
+    student_module: the student's Flax module (as built for the run); the shim
+      rebuilds it with `axis_name` so its BN statistics are global.
+    axis_name: the pmap axis name.
+    devices: optional device list for pmap (default: all local devices).
+  Returns:
+    step(state, teacher, images, rng) -> (state, metrics). state, teacher and
+    rng are broadcast to every device (pass them already replicated, e.g.
+    `parallel.replicate`, to avoid a transfer per call); images is [n_dev, B / n_dev,
+    H, W, C] (`parallel.split_for_pmap`). state and metrics come back once, not stacked:
+    kd_step pmeans loss and gradients, so every device holds the same values,
+    equal to one mesh-jit kd_step on the whole batch (the augmentation is drawn
+    for the global batch and sliced per device).
+  """
+  module = student_module.clone(axis_name=axis_name)
+
+  def step(state, teacher, images, rng):
+    new, metrics = kd_step(cfg, state.replace(apply_fn=module.apply), teacher, images, rng,
+                           axis_name=axis_name)
+    return new.replace(apply_fn=state.apply_fn), metrics
+
+  pmapped = jax.pmap(step, axis_name=axis_name, in_axes=(None, None, 0, None), out_axes=None,
+                     devices=devices)
+
+  def call(state, teacher, images, rng):
+    # pmap (on shard_map) does not reshard a committed batch (e.g. one computed
+    # from replicated arrays): place it on the pmap devices, split, first.
+    devs = list(devices) if devices is not None else jax.local_devices()[:images.shape[0]]
+    split = NamedSharding(Mesh(np.asarray(devs), (axis_name,)), P(axis_name))
+    return pmapped(state, teacher, jax.device_put(images, split), rng)
+
+  return call
+
+
 def supervised_loss(labels: jax.Array) -> Callable[[jax.Array], jax.Array]:
   return lambda logits: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
@@ -172,3 +213,28 @@ def evaluate(eval_fn: Callable, variables, images: np.ndarray, labels: np.ndarra
     correct += int(c)
     ce += float(e)
   return {'accuracy': 100.0 * correct / n, 'loss': ce / n}
+
+
+def evaluate_on_hosts(eval_fn: Callable, variables: Any, images: np.ndarray,
+                      labels: np.ndarray, batch_size: int = 1000) -> Dict[str, float]:
+  """`evaluate` where each host scores its `parallel.host_shard` of the split.
+
+  Every process passes the whole split (or the same arrays) and gets the
+  global accuracy (%) and mean CE back. On one host this is `evaluate`.
+  """
+  n = len(labels)
+  if n == 0:
+    raise ValueError('evaluate_on_hosts() got an empty split.')
+  sl = parallel.host_shard(n)
+  local = sl.stop - sl.start
+  # Host copies of the (replicated) variables: the local evaluation then runs
+  # on this host's default device without touching other hosts.
+  variables = jax.device_get(variables)
+  totals = np.zeros(3, np.float64)
+  if local:
+    ev = evaluate(eval_fn, variables, images[sl], labels[sl], batch_size)
+    totals[:] = (ev['accuracy'] * local / 100.0, ev['loss'] * local, local)
+  # Python floats: the multi-host gather returns numpy (float32) scalars, which
+  # JSON (metrics, checkpoint meta) does not take.
+  correct, ce, count = (float(v) for v in parallel.host_sum(totals))
+  return {'accuracy': 100.0 * correct / count, 'loss': ce / count}

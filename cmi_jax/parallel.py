@@ -1,7 +1,7 @@
-"""Devices: the mesh, shardings, `constrain`, multi-host helpers, and a thin
-pmap shim for the KD step.
+"""Devices: the mesh, shardings, `constrain`, multi-host helpers, and the batch
+split of the pmap path.
 
-This is the bottom layer: it knows no synthesis method. Every method and the KD
+This is the bottom layer: it imports nothing of cmi_jax and knows no method. Every method and the KD
 steps call `constrain` on their batch-sized arrays; the run's compiled step
 plan (which method's round to jit, with which shardings) lives with the runner
 (`experiments/plan.py`).
@@ -31,17 +31,18 @@ through the teacher, B through generator and student) is split over devices.
 
 Synthesis is mesh-only: under pmap the contrastive logits would need explicit
 all-gathers of every device's projections and the bank draw would have to agree
-across devices; mesh-jit gets both for free. `pmap_kd_step` is the only pmap
-path (legacy API since JAX 0.8, implemented on shard_map; kept as a shim that
-reuses `distill.kd_step` unchanged apart from its `axis_name`).
+across devices; mesh-jit gets both for free. `distill.pmap_kd_step` is the only pmap
+path (legacy API since JAX 0.8, implemented on shard_map; kept as a shim beside
+`distill.kd_step`, which it reuses unchanged apart from its `axis_name`).
 
 Multi-host: `maybe_initialize_distributed` (called once by experiments/run.py),
-`host_shard`/`evaluate_on_hosts` for per-host evaluation, `fetch` for reading
-a sharded array on every host, and `is_main_process` for who writes.
+`host_shard`/`host_sum` for per-host evaluation (`distill.evaluate_on_hosts`),
+`fetch` for reading a sharded array on every host, and `is_main_process` for
+who writes.
 """
 
 import os
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -186,33 +187,7 @@ def fetch(tree: Any) -> Any:
   return jax.tree_util.tree_map(get, tree)
 
 
-def evaluate_on_hosts(eval_fn: Callable, variables: Any, images: np.ndarray,
-                      labels: np.ndarray, batch_size: int = 1000) -> Dict[str, float]:
-  """`distill.evaluate` where each host scores its `host_shard` of the split.
-
-  Every process passes the whole split (or the same arrays) and gets the
-  global accuracy (%) and mean CE back. On one host this is distill.evaluate.
-  """
-  from cmi_jax import distill  # pylint: disable=g-import-not-at-top
-  n = len(labels)
-  if n == 0:
-    raise ValueError('evaluate_on_hosts() got an empty split.')
-  sl = host_shard(n)
-  local = sl.stop - sl.start
-  # Host copies of the (replicated) variables: the local evaluation then runs
-  # on this host's default device without touching other hosts.
-  variables = jax.device_get(variables)
-  totals = np.zeros(3, np.float64)
-  if local:
-    ev = distill.evaluate(eval_fn, variables, images[sl], labels[sl], batch_size)
-    totals[:] = (ev['accuracy'] * local / 100.0, ev['loss'] * local, local)
-  # Python floats: the multi-host gather returns numpy (float32) scalars, which
-  # JSON (metrics, checkpoint meta) does not take.
-  correct, ce, count = (float(v) for v in host_sum(totals))
-  return {'accuracy': 100.0 * correct / count, 'loss': ce / count}
-
-
-# ---------------------------------------------------------------- pmap shim
+# ---------------------------------------------------------------- pmap batches
 
 def split_for_pmap(x: Any, num_devices: int) -> Any:
   """[B, ...] -> [num_devices, B / num_devices, ...] for every leaf."""
@@ -221,43 +196,3 @@ def split_for_pmap(x: Any, num_devices: int) -> Any:
       raise ValueError(f'batch={a.shape[0]} does not divide over {num_devices} devices.')
     return a.reshape((num_devices, a.shape[0] // num_devices) + a.shape[1:])
   return jax.tree_util.tree_map(split, x)
-
-
-def pmap_kd_step(cfg, student_module, axis_name: str = PMAP_AXIS,
-                 devices: Optional[Any] = None) -> Callable:
-  """`distill.kd_step` under `jax.pmap` (legacy shim; mesh-jit is the main path).
-
-  Args:
-    cfg: the distill.KDConfig.
-    student_module: the student's Flax module (as built for the run); the shim
-      rebuilds it with `axis_name` so its BN statistics are global.
-    axis_name: the pmap axis name.
-    devices: optional device list for pmap (default: all local devices).
-  Returns:
-    step(state, teacher, images, rng) -> (state, metrics). state, teacher and
-    rng are broadcast to every device (pass them already replicated, e.g.
-    `replicate`, to avoid a transfer per call); images is [n_dev, B / n_dev,
-    H, W, C] (`split_for_pmap`). state and metrics come back once, not stacked:
-    kd_step pmeans loss and gradients, so every device holds the same values,
-    equal to one mesh-jit kd_step on the whole batch (the augmentation is drawn
-    for the global batch and sliced per device).
-  """
-  from cmi_jax import distill  # pylint: disable=g-import-not-at-top
-  module = student_module.clone(axis_name=axis_name)
-
-  def step(state, teacher, images, rng):
-    new, metrics = distill.kd_step(cfg, state.replace(apply_fn=module.apply), teacher, images,
-                                   rng, axis_name=axis_name)
-    return new.replace(apply_fn=state.apply_fn), metrics
-
-  pmapped = jax.pmap(step, axis_name=axis_name, in_axes=(None, None, 0, None), out_axes=None,
-                     devices=devices)
-
-  def call(state, teacher, images, rng):
-    # pmap (on shard_map) does not reshard a committed batch (e.g. one computed
-    # from replicated arrays): place it on the pmap devices, split, first.
-    devs = list(devices) if devices is not None else jax.local_devices()[:images.shape[0]]
-    split = NamedSharding(Mesh(np.asarray(devs), (axis_name,)), P(axis_name))
-    return pmapped(state, teacher, jax.device_put(images, split), rng)
-
-  return call

@@ -13,7 +13,8 @@ import jax
 from jax.sharding import Mesh
 
 from cmi_jax import distill, parallel
-from cmi_jax.synthesis import algorithms, cmi, gan
+from cmi_jax.synthesis import algorithms, gan
+from cmi_jax.synthesis.round_kit import RoundOutput
 
 
 @dataclasses.dataclass
@@ -45,7 +46,7 @@ def compile_plan(mesh: Mesh, synth, pre_synth, kd_cfg, fresh: bool) -> Steps:
         continue
       fn = functools.partial(algorithms.get(cfg.algorithm).round, cfg, data_sharding=shard)
       setattr(steps, name, jax.jit(fn, donate_argnums=(2,),
-                                   out_shardings=(rep, cmi.RoundOutput(shard, shard, rep))))
+                                   out_shardings=(rep, RoundOutput(shard, shard, rep))))
   steps.kd = jax.jit(functools.partial(distill.kd_steps, kd_cfg, data_sharding=shard),
                      static_argnums=(4,), donate_argnums=(0,), out_shardings=rep)
   return steps

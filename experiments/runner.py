@@ -22,7 +22,7 @@ from cmi_jax.errors import ConfigError
 from cmi_jax.checkpoint import Checkpointer, abstract
 from cmi_jax.state import cosine_per_epoch, create_classifier_state, rng_stream, sgd
 from cmi_jax.synthesis import algorithms, gan, presets
-from cmi_jax.synthesis.cmi import LossWeights, SynthesisConfig
+from cmi_jax.synthesis.config import LossWeights, SynthesisConfig
 from cmi_jax.teacher import Teacher
 from experiments import guard
 from experiments.plan import compile_plan
@@ -308,7 +308,7 @@ def _run(cfg, workdir: str, cleanup: contextlib.ExitStack, stop_signal: StopSign
   fns = compile_plan(mesh, synth, pre_synth, kd_cfg, fresh)
   eval_fn = distill.make_eval_fn(student_module.apply, info.mean, info.std)
   if test is not None and meta['teacher_accuracy'] is None:
-    meta['teacher_accuracy'] = parallel.evaluate_on_hosts(
+    meta['teacher_accuracy'] = distill.evaluate_on_hosts(
         distill.make_eval_fn(teacher.module.apply, info.mean, info.std), teacher.variables, test.images, test.labels, cfg.data.eval_batch_size)['accuracy']
     print(f'Teacher accuracy on the {cfg.data.name} test split: {meta["teacher_accuracy"]:.2f}%')
 
@@ -373,7 +373,7 @@ def _run(cfg, workdir: str, cleanup: contextlib.ExitStack, stop_signal: StopSign
         images, targets = preview(teacher, state['generator'], jax.random.fold_in(synth_key, r))
       if test is not None:
         t_eval = time.time()
-        ev = parallel.evaluate_on_hosts(eval_fn, {'params': state['student'].params,
+        ev = distill.evaluate_on_hosts(eval_fn, {'params': state['student'].params,
                                         'batch_stats': state['student'].batch_stats},
                               test.images, test.labels, cfg.data.eval_batch_size)
         row['student_accuracy'], row['student_test_loss'] = ev['accuracy'], ev['loss']

@@ -79,7 +79,7 @@ def build(teacher_path: str, method: str, num_images: int, batch_size: Optional[
   import dataclasses  # pylint: disable=g-import-not-at-top
   from cmi_jax import data, teacher_io  # pylint: disable=g-import-not-at-top
   from cmi_jax.synthesis import api, presets  # pylint: disable=g-import-not-at-top
-  from cmi_jax.synthesis.cmi import SynthesisConfig  # pylint: disable=g-import-not-at-top
+  from cmi_jax.synthesis.config import SynthesisConfig  # pylint: disable=g-import-not-at-top
   from cmi_jax.teacher import Teacher  # pylint: disable=g-import-not-at-top
 
   if not os.path.exists(teacher_path):

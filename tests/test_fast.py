@@ -22,7 +22,8 @@ from cmi_jax.models.layers import BNTap
 from cmi_jax.state import cosine_per_epoch
 from cmi_jax.synthesis import algorithms, fast, gan, losses, presets
 from cmi_jax.synthesis.api import make_config
-from cmi_jax.synthesis.cmi import LossWeights, SynthesisConfig, to_uint8
+from cmi_jax.synthesis.config import LossWeights, SynthesisConfig
+from cmi_jax.synthesis.round_kit import to_uint8
 from cmi_jax.teacher import Teacher
 from experiments import plan
 from tests.helpers import teacher_student

@@ -21,6 +21,7 @@ import pytest
 
 from cmi_jax import data, errors, models, report, teacher_io
 from cmi_jax.synthesis import cmi
+from cmi_jax.synthesis.config import SynthesisConfig
 from cmi_jax.teacher import Teacher
 from experiments import guard, runner
 from tests.helpers import ROOT, random_variables, subprocess_env
@@ -283,7 +284,7 @@ class NaNWhere(nn.Module):
 
 
 def _tiny_round_setup(threshold):
-  cfg = cmi.SynthesisConfig(
+  cfg = SynthesisConfig(
       image_shape=(8, 8, 1), num_classes=4, mean=(0.5,), std=(0.25,), batch_size=8,
       g_steps=6, lr_g=0.05, lr_head=0.01, n_neg=12, head_dim=8, bank_size=24, pool_size=32,
       nz=8, ngf=4).validate()

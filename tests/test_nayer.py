@@ -293,7 +293,7 @@ def test_resume_through_a_checkpoint_is_exact(nets, chain, tmp_path):
   assert meta['round'] == 2 and isinstance(restored['synth'], nayer.NayerState)
   state, out = run_round(teacher, student, jax.device_get(restored['synth']), chain[2][1])
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state), chain[2][2])
-  np.testing.assert_array_equal(cmi_jax.synthesis.cmi.to_uint8(out.images), chain[2][3].images)
+  np.testing.assert_array_equal(cmi_jax.synthesis.round_kit.to_uint8(out.images), chain[2][3].images)
 
 
 def _mesh_round(n, teacher, student, state, rng):

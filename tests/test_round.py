@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from cmi_jax import models
-from cmi_jax.synthesis import cmi
-from cmi_jax.synthesis.cmi import LossWeights, SynthesisConfig
+from cmi_jax.synthesis import cmi, round_kit
+from cmi_jax.synthesis.config import LossWeights, SynthesisConfig
 from cmi_jax.teacher import Teacher
 
 pytestmark = pytest.mark.usefixtures('compilation_cache')  # whole runs: see conftest
@@ -293,7 +293,7 @@ def test_round_writes_pool_and_bank(cmi_rounds):
 def test_feature_dim_matches_teacher_taps(gray_nets):
   teacher, _ = gray_nets
   out = teacher(jnp.zeros((2, 8, 8, 1)))
-  assert sum(t.mean.shape[-1] for t in out.bn) == D_WRN_16_1 == cmi.feature_dim(teacher,
+  assert sum(t.mean.shape[-1] for t in out.bn) == D_WRN_16_1 == round_kit.feature_dim(teacher,
                                                                               (8, 8, 1))
 
 
@@ -346,7 +346,7 @@ def test_zero_adv_weight_skips_student(gray_nets):
   targets = jnp.arange(B) % NUM_CLASSES
   for adv, want in ((0.5, {'bn', 'oh', 'adv'}), (0.0, {'bn', 'oh'})):
     cfg = dataclasses.replace(CFG_CMI, weights=LossWeights(adv=adv))
-    terms = cmi.inversion_terms(cfg, teacher_out=t_out, rows=B, targets=targets,
+    terms = round_kit.inversion_terms(cfg, teacher_out=t_out, rows=B, targets=targets,
                                 student_logits=s_logits, x=x)
     assert set(terms) == want
 

@@ -7,12 +7,13 @@ import optax
 from flax.training import train_state
 
 from cmi_jax.synthesis import cmi, losses
+from cmi_jax.synthesis.config import SynthesisConfig
 
 D, B, N_NEG, HEAD_DIM, CR_T = 12, 4, 6, 5, 0.1
 
 
 def _head_state(kind='mlp'):
-  cfg = cmi.SynthesisConfig(image_shape=(8, 8, 1), num_classes=3, mean=(0.5,), std=(0.25,),
+  cfg = SynthesisConfig(image_shape=(8, 8, 1), num_classes=3, mean=(0.5,), std=(0.25,),
                             head_kind=kind, head_dim=HEAD_DIM, cr_temperature=CR_T)
   head = cfg.make_head()
   params = head.init(jax.random.key(0), jnp.zeros((1, D)))['params'] if kind != 'none' else {}

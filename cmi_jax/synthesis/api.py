@@ -21,7 +21,9 @@ from cmi_jax import data
 from cmi_jax.synthesis import presets
 from cmi_jax.state import rng_stream
 from cmi_jax.synthesis import algorithms
-from cmi_jax.synthesis.cmi import LossWeights, SynthesisConfig, SynthState, to_uint8
+from cmi_jax.synthesis.cmi import SynthState
+from cmi_jax.synthesis.config import LossWeights, SynthesisConfig
+from cmi_jax.synthesis.round_kit import to_uint8
 from cmi_jax.teacher import Teacher
 
 

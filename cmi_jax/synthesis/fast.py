@@ -37,9 +37,12 @@ from flax import struct
 
 from cmi_jax.parallel import constrain
 from cmi_jax.state import ClassifierState, select
-from cmi_jax.synthesis import cmi, gan, losses
-from cmi_jax.synthesis.bank import RingBuffer, ring_add, ring_init
-from cmi_jax.synthesis.cmi import RoundOutput, SynthesisConfig, to_uint8
+from cmi_jax.synthesis import gan, losses
+from cmi_jax.synthesis.bank import RingBuffer, ring_add
+from cmi_jax.synthesis.config import SynthesisConfig
+from cmi_jax.synthesis.round_kit import (RoundOutput, all_finite, diagnostics, init_pool,
+                                         inversion_terms, to_uint8, track_best, views,
+                                         weighted_sum)
 from cmi_jax.teacher import Teacher
 
 
@@ -87,10 +90,7 @@ def init_state(cfg: SynthesisConfig, teacher: Teacher, rng: jax.Array) -> FastSt
   gen = gen.replace(params=torch_default_params(gen.params, k_params))
   gen = gen.replace(opt_state=gen.tx.init(gen.params))
   taps = jax.eval_shape(lambda t: t(jnp.zeros((2,) + tuple(cfg.image_shape))), teacher).bn
-  pool = ring_init(cfg.pool_size, {
-      'images': jax.ShapeDtypeStruct(tuple(cfg.image_shape), jnp.uint8),
-      'targets': jax.ShapeDtypeStruct((), jnp.int32)})
-  return FastState(gen, losses.bn_ema_init(taps), pool, jnp.zeros((), jnp.int32))
+  return FastState(gen, losses.bn_ema_init(taps), init_pool(cfg), jnp.zeros((), jnp.int32))
 
 
 def reset_l0(params: Dict[str, Any], rng: jax.Array) -> Dict[str, Any]:
@@ -144,17 +144,17 @@ def make_loss_fn(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Teach
     x, _ = gen.apply({'params': fast['generator'], 'batch_stats': gen_stats}, fast['z'],
                      train=True, mutable=['batch_stats'])
     x = constrain(x.astype(jnp.float32), data_sharding)
-    x_aug, _ = cmi._views(cfg, key, x)  # pylint: disable=protected-access
+    x_aug, _ = views(cfg, key, x)
     x_aug = constrain(x_aug, data_sharding).astype(cfg.compute_dtype)
     out = teacher(x_aug)
     s_logits = student(x_aug, taps=False).logits if use_adv else None
-    terms = cmi.inversion_terms(cfg_terms, teacher_out=out, rows=b, targets=targets,
-                                student_logits=s_logits, x=x)
+    terms = inversion_terms(cfg_terms, teacher_out=out, rows=b, targets=targets,
+                            student_logits=s_logits, x=x)
     if cfg.weights.bn:
       terms['bn'] = losses.momentum_bn_loss(out.bn, ema, cfg.bn_mmt)
     if 'adv' in terms:
       terms['adv'] = adv_on * terms['adv']
-    loss = cmi.weighted_sum(cfg, terms)
+    loss = weighted_sum(cfg, terms)
     feats = out.features if out.features is not None else jnp.zeros((b, 0), jnp.float32)
     aux = {'best': {'x': x, 'logits': out.logits.astype(jnp.float32), 'features': feats},
            'last': losses.bn_ema_update(ema, out.bn, cfg.bn_mmt),
@@ -181,11 +181,11 @@ def inner_loop(loss_fn: Callable, opt: optax.GradientTransformation, fast0: Dict
   def step(carry, key):
     fast, opt_state, acc, best, last, i = carry
     (loss, aux), g = grad_fn(fast, key)
-    ok = jnp.isfinite(loss) & cmi._all_finite(g)  # pylint: disable=protected-access
+    ok = jnp.isfinite(loss) & all_finite(g)
     updates, new_opt_state = opt.update(g, opt_state, fast)
     sel = lambda new, old: select(ok, new, old)
     new_acc = jax.tree_util.tree_map(jnp.add, acc, g['generator'])
-    best = cmi.track_best(best, {'loss': loss, 'step': i, 'aux': aux['best']})
+    best = track_best(best, {'loss': loss, 'step': i, 'aux': aux['best']})
     carry = (sel(optax.apply_updates(fast, updates), fast), sel(new_opt_state, opt_state),
              sel(new_acc, acc), best, sel(aux['last'], last), i + 1)
     return carry, {'loss': loss, **aux['row']}
@@ -225,7 +225,7 @@ def fast_round(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Teacher
       loss_fn, inner_optimizer(cfg), {'generator': theta, 'z': z},
       jax.random.split(keys['steps'], cfg.g_steps))
 
-  ok = jnp.isfinite(best['loss']) & cmi._all_finite(meta_grad)  # pylint: disable=protected-access
+  ok = jnp.isfinite(best['loss']) & all_finite(meta_grad)
   gen = state.gen.replace(params=theta).apply_gradients(grads=meta_grad)
   keep = lambda new, old: select(ok, new, old)
   kept = best['aux']
@@ -233,9 +233,9 @@ def fast_round(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Teacher
   new_state = FastState(keep(gen, state.gen), keep(ema, state.bn_ema), pool, state.round + 1)
   metrics = dict(rows)
   feats = kept['features']
-  # _diagnostics reads the second half of [local | global] features: only one view here.
-  metrics.update(cmi._diagnostics(kept['logits'], jnp.concatenate([feats, feats], 1),  # pylint: disable=protected-access
-                                  targets, cfg.num_classes))
+  # diagnostics reads the second half of [local | global] features: only one view here.
+  metrics.update(diagnostics(kept['logits'], jnp.concatenate([feats, feats], 1), targets,
+                             cfg.num_classes))
   metrics['best_loss'] = best['loss']
   metrics['best_step'] = best['step']
   metrics['adv_on'] = adv_on

@@ -17,7 +17,8 @@ from flax import struct
 from cmi_jax import augment
 from cmi_jax.state import ClassifierState, select
 from cmi_jax.parallel import constrain
-from cmi_jax.synthesis.cmi import SynthesisConfig, inversion_terms, weighted_sum
+from cmi_jax.synthesis.config import SynthesisConfig
+from cmi_jax.synthesis.round_kit import inversion_terms, weighted_sum
 from cmi_jax.teacher import Teacher
 
 

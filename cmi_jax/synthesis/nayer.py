@@ -35,10 +35,11 @@ from cmi_jax.models.generator import reinit_noisy
 from cmi_jax.parallel import constrain
 from cmi_jax.state import select
 from cmi_jax.synthesis import embeddings, losses
-from cmi_jax.synthesis.bank import RingBuffer, ring_add, ring_init
-from cmi_jax.synthesis.cmi import (RoundOutput, SynthesisConfig, _all_finite, _diagnostics,
-                                   _views, feature_dim, inversion_terms, to_uint8, track_best,
-                                   weighted_sum)
+from cmi_jax.synthesis.bank import RingBuffer, ring_add
+from cmi_jax.synthesis.config import SynthesisConfig
+from cmi_jax.synthesis.round_kit import (RoundOutput, all_finite, diagnostics, feature_dim,
+                                         init_pool, inversion_terms, to_uint8, track_best, views,
+                                         weighted_sum)
 from cmi_jax.teacher import Teacher
 
 
@@ -80,11 +81,8 @@ def init_state(cfg: SynthesisConfig, teacher: Teacher, rng: jax.Array) -> NayerS
   k_emb, k_gen = jax.random.split(rng)
   table = jnp.asarray(embeddings.label_embeddings(cfg, teacher, k_emb), jnp.float32)
   spec = jax.eval_shape(lambda t: t(jnp.zeros((2,) + tuple(cfg.image_shape))), teacher)
-  pool = ring_init(cfg.pool_size, {
-      'images': jax.ShapeDtypeStruct(tuple(cfg.image_shape), jnp.uint8),
-      'targets': jax.ShapeDtypeStruct((), jnp.int32)})
   return NayerState(init_generator(cfg, table.shape[1], k_gen), losses.bn_ema_init(spec.bn),
-                    pool, table, jnp.zeros((), jnp.int32))
+                    init_pool(cfg), table, jnp.zeros((), jnp.int32))
 
 
 def nayer_round(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Teacher],
@@ -137,7 +135,7 @@ def nayer_round(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Teache
       x, new_vars = gen.apply({'params': params, 'batch_stats': gen_stats}, emb, train=True,
                               mutable=['batch_stats'])
       x = constrain(x.astype(jnp.float32), data_sharding)
-      xa, _ = _views(cfg, key, x)  # views 'crop': crop (zero padding) + flip + normalize
+      xa, _ = views(cfg, key, x)  # views 'crop': crop (zero padding) + flip + normalize
       xa = constrain(xa, data_sharding)
       out = teacher(xa.astype(cfg.compute_dtype))
       s_logits = student(xa.astype(cfg.compute_dtype), taps=False).logits if use_adv else None
@@ -159,7 +157,7 @@ def nayer_round(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Teache
       (loss, aux), grads = grad_fn(params, gen_stats, key)
       updates, new_opt_state = opt.update(grads, opt_state, params)
       # A non-finite step changes nothing; a NaN loss is never kept as the best.
-      ok = jnp.isfinite(loss) & _all_finite(grads)
+      ok = jnp.isfinite(loss) & all_finite(grads)
       keep = lambda new, old: select(ok, new, old)
       best = track_best(best, {'loss': loss, 'x': aux['x'], 'logits': aux['logits'],
                                'features': aux['features'], 'step': i})
@@ -190,7 +188,7 @@ def nayer_round(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Teache
   last = jax.tree_util.tree_map(lambda a: a[-1], outs)
   metrics = {k: v.reshape(-1) for k, v in outs['rows'].items()}  # [loops * g_steps]
   feats = last['features']
-  metrics.update(_diagnostics(last['logits'], jnp.concatenate([feats, feats], axis=1),
+  metrics.update(diagnostics(last['logits'], jnp.concatenate([feats, feats], axis=1),
                               last['y'], c))
   metrics['best_loss'] = last['best_loss']
   metrics['best_step'] = last['best_step']

@@ -25,6 +25,8 @@ round function; loss, schedule and per-variant K / lr_g / lr_z from the authors'
 import dataclasses
 from typing import Any, Dict
 
+from cmi_jax.synthesis.config import LossWeights
+
 GAN_COMMON = {
     'synthesis': {'algorithm': 'cmi', 'synthesizer': 'generator', 'generator': 'large',
                   'reinit': False,
@@ -165,7 +167,6 @@ def apply_to_config(config, name: str) -> None:
 
 def apply_to_synthesis_config(cfg, name: str):
   """Returns SynthesisConfig `cfg` with preset `name`'s synthesis overrides."""
-  from cmi_jax.synthesis.cmi import LossWeights  # pylint: disable=g-import-not-at-top
   values = dict(get(name)['synthesis'])
   weights = dataclasses.replace(cfg.weights, **values.pop('weights', {}))
   fields = {f.name for f in dataclasses.fields(cfg)}

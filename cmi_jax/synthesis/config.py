@@ -1,0 +1,148 @@
+"""Every synthesis hyperparameter: `SynthesisConfig`, `LossWeights` and the choice tuples.
+
+Every method's round reads the same frozen (hashable, jit-static) config; the
+fields a method ignores are documented where they are declared. This module
+imports no method: the name table of round functions is `algorithms.py`.
+"""
+
+import dataclasses
+from typing import Tuple
+
+import jax.numpy as jnp
+
+from cmi_jax.models import Generator, Head
+from cmi_jax.synthesis import embeddings, losses
+
+SYNTHESIZERS = ('generator', 'pixels')
+GENERATORS = ('cmi', 'large')
+VIEWS = ('cmi', 'jitter', 'crop')  # 'crop': the global view only (FastDFKD, NAYER)
+OH_KINDS = ('targets', 'argmax')
+# The round functions by name (the table is cmi_jax/synthesis/algorithms.py, which
+# imports every method; a test keeps the two equal, so this module imports none).
+ALGORITHM_NAMES = ('cmi', 'fast', 'nayer')
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+  """Weights of the unified inversion loss (Eq. 4 + Eq. 9, CMI; section 5 baselines)."""
+  bn: float = 1.0
+  oh: float = 1.0
+  adv: float = 0.5
+  cr: float = 0.8
+  balance: float = 0.0
+  act: float = 0.0
+  tv: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthesisConfig:
+  """Every synthesis hyperparameter (hashable: a static jit argument)."""
+  image_shape: Tuple[int, int, int]
+  num_classes: int
+  mean: Tuple[float, ...]
+  std: Tuple[float, ...]
+  batch_size: int = 256
+  g_steps: int = 200
+  lr_g: float = 1e-3
+  betas: Tuple[float, float] = (0.5, 0.999)
+  lr_head: float = 1e-3
+  weights: LossWeights = LossWeights()
+  adv_kind: str = 'masked_kl'
+  adv_temperature: float = 1.0
+  oh_kind: str = 'targets'
+  cr_temperature: float = 0.1
+  n_neg: int = 4096
+  head_kind: str = 'mlp'
+  head_dim: int = 256
+  bank_size: int = 40960
+  pool_size: int = 51200      # 200 rounds x 256 (the reference keeps every image)
+  synthesizer: str = 'generator'
+  generator: str = 'cmi'       # 'cmi' (2*ngf) or 'large' (4*ngf, GAN baselines)
+  reinit: bool = True          # re-initialize the generator every round (CMI)
+  nz: int = 256
+  ngf: int = 64
+  views: str = 'cmi'
+  global_padding: int = 4
+  local_scale: Tuple[float, float] = (0.25, 1.0)
+  jitter: int = -1            # max roll (px) of the 'jitter' views; -1: image size // 8
+  dtype: str = 'float32'
+  # Which round function runs this config (cmi_jax.synthesis.algorithms.ALGORITHMS):
+  # 'cmi' (CMI and the presets of the unified loss), further methods by name.
+  algorithm: str = 'cmi'
+  # --- FastDFKD (algorithm 'fast', cmi_jax/synthesis/fast.py); ignored by the others.
+  # The meta-generator and its Adam persist across rounds; each round trains a fast
+  # copy g_steps (K) inner steps with a fresh z at lr_z; the meta-Adam runs at
+  # lr_meta (<= 0: K * lr_g, the reference's). bn_mmt: momentum of the BN-statistics
+  # EMA in L_bn (losses.momentum_bn_loss). L_adv is on from 0-based round
+  # adv_start_round (counted on device, pre-rounds included). reset_l0_round: the
+  # 0-based round at which the meta-generator's first Linear and BN are re-drawn
+  # (reference's reset_l0 at 120 + warmup); -1 never.
+  lr_z: float = 0.01
+  lr_meta: float = 0.0
+  bn_mmt: float = 0.9
+  adv_start_round: int = 0
+  reset_l0_round: int = -1
+  # GAN baselines (kd.mode 'fresh') only: True reproduces the reference scripts' early
+  # bug (DataFree's first commit, Fast-Datafree `datafree_kd.py:270`; issue #11 there):
+  # the teacher stands in for the student in L_adv, so the adversarial term is zero.
+  adv_against_teacher: bool = False
+  # --- NAYER (algorithm 'nayer', cmi_jax/synthesis/nayer.py); ignored by the others.
+  # Also reads bn_mmt and adv_start_round above, views 'crop'. A round is one epoch:
+  # g_loops loops, each with fresh noisy layers and a fresh Adam (the warm-up's
+  # gwp_loops is the runner's kd.pre_loops, its pre-rounds' g_loops). The generator
+  # persists and is replaced every g_life rounds (reinit is unused).
+  # le_emb_size: the noisy layers' width. label_embeddings: the class vectors fed to
+  # the generator: 'classifier', 'penultimate', 'random', 'onehot' (derived offline,
+  # cmi_jax/synthesis/embeddings.py) or the path of a user's [C, E] .npy file.
+  g_loops: int = 2
+  g_life: int = 10
+  le_emb_size: int = 1000
+  label_embeddings: str = 'classifier'
+
+  def validate(self) -> 'SynthesisConfig':
+    """Raises ValueError naming the first bad field and its allowed values."""
+    checks = [
+        ('algorithm', self.algorithm in ALGORITHM_NAMES, f'one of {ALGORITHM_NAMES}'),
+        ('synthesizer', self.synthesizer in SYNTHESIZERS, f'one of {SYNTHESIZERS}'),
+        ('generator', self.generator in GENERATORS, f'one of {GENERATORS}'),
+        ('views', self.views in VIEWS, f'one of {VIEWS}'),
+        ('oh_kind', self.oh_kind in OH_KINDS, f'one of {OH_KINDS}'),
+        ('adv_kind', self.adv_kind in losses.ADV_KINDS, f'one of {losses.ADV_KINDS}'),
+        ('batch_size', self.batch_size >= 2, '>= 2'),
+        ('g_steps', self.g_steps >= 1, '>= 1'),
+        ('n_neg', self.n_neg >= 0, '>= 0'),
+        ('bank_size', self.bank_size >= 1, '>= 1'),
+        ('pool_size', self.pool_size >= self.batch_size, f'>= batch_size ({self.batch_size})'),
+        ('cr_temperature', self.cr_temperature > 0, '> 0'),
+        ('lr_g', self.lr_g > 0, '> 0'),
+        ('lr_z', self.lr_z > 0, '> 0'),
+        ('bn_mmt', 0.0 <= self.bn_mmt < 1.0, 'in [0, 1)'),
+        ('g_loops', self.g_loops >= 1, '>= 1'),
+        ('g_life', self.g_life >= 1, '>= 1'),
+        ('le_emb_size', self.le_emb_size >= 1, '>= 1'),
+        ('label_embeddings', embeddings.check_source(self.label_embeddings),
+         "'classifier', 'penultimate', 'random', 'onehot' or a path ending in .npy"),
+        ('dtype', self.dtype in ('float32', 'bfloat16'), "'float32' or 'bfloat16'"),
+        ('image_shape', len(self.image_shape) == 3 and
+         (self.synthesizer == 'pixels' or self.image_shape[0] % 4 == 0 and
+          self.image_shape[1] % 4 == 0), 'H, W, C with H and W multiples of 4 for the generator'),
+        ('mean/std', len(self.mean) == len(self.std) == self.image_shape[2],
+         f'one value per channel ({self.image_shape[2]})'),
+    ]
+    for name, ok, allowed in checks:
+      if not ok:
+        raise ValueError(f'synthesis.{name}={getattr(self, name, None)!r} is invalid: '
+                         f'must be {allowed}.')
+    return self
+
+  @property
+  def compute_dtype(self):
+    return jnp.bfloat16 if self.dtype == 'bfloat16' else jnp.float32
+
+  def make_generator(self) -> Generator:
+    h, _, c = self.image_shape
+    return Generator(nz=self.nz, ngf=self.ngf, img_size=h, nc=c,
+                     large=self.generator == 'large', dtype=self.compute_dtype)
+
+  def make_head(self) -> Head:
+    return Head(kind=self.head_kind, head_dim=self.head_dim)
