@@ -307,3 +307,19 @@ def test_mnist_resized_to_32(tmp_path):
 def test_config_options():
   assert data.config_options({'name': 'x', 'dir': '', 'image_size': 32}) == {'image_size': 32}
   assert data.config_options({'name': 'x'}) == {}
+
+
+def test_runner_selects_a_loader_by_data_name(tmp_path):
+  """data.name, data.num_classes and data.eval_limit reach the loader through the runner."""
+  from configs import common  # pylint: disable=import-outside-toplevel
+  from experiments import runner  # pylint: disable=import-outside-toplevel
+  _write_tiny(str(tmp_path / 'tiny-imagenet-200'), n_val=6)
+  cfg = common.base_config('tiny_imagenet')
+  cfg.teacher.checkpoint, cfg.teacher.arch, cfg.student.arch = 'random', 'wrn_16_1', 'wrn_16_1'
+  cfg.data.dir, cfg.data.num_classes, cfg.data.eval_limit = str(tmp_path), 3, 3
+  runner.validate(cfg)
+  info = runner.dataset_info(cfg)
+  assert info.num_classes == 3 and info.image_shape == (64, 64, 3)
+  test = runner.load_test_split(cfg)
+  assert test.images.shape == (3, 64, 64, 3)
+  np.testing.assert_array_equal(test.labels, [2, 1, 0])  # val_0, val_2, val_4: n03, n02, n01
