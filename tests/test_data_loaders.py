@@ -159,6 +159,8 @@ def test_imagenet_resize_256_center_crop_224_streamed(tmp_path):
   np.testing.assert_array_equal(test.images[[0, 3]][1], batches[1].images[0])
   info = data.get_info('imagenet')
   assert info.mean == (0.485, 0.456, 0.406) and info.std == (0.229, 0.224, 0.225)
+  small = data.get_info('imagenet', image_size=112)
+  assert small.image_shape == (112, 112, 3) and small.eval_resize == 128
 
 
 def test_imagenet_evaluation_decodes_batch_by_batch(tmp_path):

@@ -157,6 +157,8 @@ def get_info(name: str, data_dir: Optional[str] = None, *, image_size: int = 0,
   changes = {}
   if image_size:
     changes['image_shape'] = (image_size, image_size, c)
+    if info.eval_resize:  # keep the resize : crop ratio (ImageNet's 256 : 224)
+      changes['eval_resize'] = int(round(image_size * info.eval_resize / info.image_shape[0]))
   if mean:
     changes['mean'] = tuple(float(x) for x in mean)
   if std:
