@@ -196,14 +196,15 @@ def evaluate(eval_fn: Callable, variables, images: np.ndarray, labels: np.ndarra
   """Top-1 accuracy (%) and mean CE over a labeled split.
 
   Batches have a fixed size (the last is zero-padded and masked), so one
-  compilation serves the whole split.
+  compilation serves the whole split. `images` may be a `data.FolderImages`
+  (ImageNet): each batch is decoded as it is read.
   """
   n = len(labels)
   if n == 0:
     raise ValueError('evaluate() got an empty split.')
   correct, ce = 0, 0.0
   for i in range(0, n, batch_size):
-    xb, yb = images[i:i + batch_size], labels[i:i + batch_size]
+    xb, yb = np.asarray(images[i:i + batch_size]), labels[i:i + batch_size]
     m = len(yb)
     valid = np.arange(batch_size) < m
     if m < batch_size:

@@ -43,8 +43,10 @@ def base_config(dataset: str, method: str = 'cmi'):
   c = C()
   c.seed = 0
   c.method = method
+  # image_size, mean, std, num_classes: 0 / () keep the dataset's own (cmi_jax.data.DATASETS);
+  # data.name=image_folder needs the first three (MNIST at 32, as the reference: image_size=32).
   c.data = C(dict(name=dataset, dir='', backend='files', eval_batch_size=500,
-                  eval_limit=0))
+                  eval_limit=0, image_size=0, mean=(), std=(), num_classes=0))
   # checkpoint: a teacher directory (experiments/train_teacher.py or convert_teacher.py),
   # a reference .pth (converted on the fly), or 'random' (smoke tests only).
   c.teacher = C(dict(arch='wrn_40_2', checkpoint=''))

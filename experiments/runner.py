@@ -45,7 +45,7 @@ def _validate(cfg) -> None:
   def bad(field, value, must):
     raise ValueError(f'config.{field}={value!r} is invalid: {must}.')
 
-  data.get_info(cfg.data.name)
+  dataset_info(cfg)
   _check_method(cfg)
   for field in ('teacher.arch', 'student.arch'):
     sec, key = field.split('.')
@@ -83,7 +83,7 @@ def _validate(cfg) -> None:
   ]:
     if not ok:
       bad(field, value, must)
-  synthesis_config(cfg, data.get_info(cfg.data.name), cfg.synthesis.weights.to_dict())
+  synthesis_config(cfg, dataset_info(cfg), cfg.synthesis.weights.to_dict())
 
 
 def _check_method(cfg) -> None:
@@ -148,18 +148,24 @@ def load_teacher(cfg, info: data.DatasetInfo, dtype) -> Teacher:
   return Teacher(module, variables)
 
 
+# ---- data.name / data options (issue 21 loaders): the dataset entry and test split
+def dataset_info(cfg) -> data.DatasetInfo:
+  """The dataset's entry, refined by data.image_size/mean/std/num_classes where set."""
+  return data.get_info(cfg.data.name, cfg.data.dir or None, **data.config_options(cfg.data))
+
+
 def load_test_split(cfg) -> Optional[data.Split]:
-  """The real test split for evaluation, or None (training is data-free)."""
+  """The real test split for evaluation (data.eval_limit examples when set, never
+  decoded beyond them), or None (training is data-free)."""
   try:
-    split = data.load(cfg.data.name, 'test', cfg.data.dir or None, cfg.data.backend)
+    return data.load(cfg.data.name, 'test', cfg.data.dir or None, cfg.data.backend,
+                     limit=cfg.data.eval_limit, **data.config_options(cfg.data))
   except data.DataCorruptError:
     raise  # a damaged file must be replaced, not silently skipped
   except data.DataNotFoundError as e:
     print(f'Evaluation is off: {e}')
     return None
-  if cfg.data.eval_limit:
-    split = data.Split(split.images[:cfg.data.eval_limit], split.labels[:cfg.data.eval_limit])
-  return split
+# ---- end of the data edit
 
 
 @dataclasses.dataclass
@@ -254,7 +260,7 @@ def _run(cfg, workdir: str, cleanup: contextlib.ExitStack, stop_signal: StopSign
   if jax.process_count() > 1 and cfg.mesh.num_devices not in (0, jax.device_count()):
     raise ConfigError(f'config.mesh.num_devices={cfg.mesh.num_devices} is invalid: a multi-host '
                      f'run uses all {jax.device_count()} devices; set 0.')
-  info = data.get_info(cfg.data.name)
+  info = dataset_info(cfg)
   mesh = parallel.make_mesh(cfg.mesh.num_devices)
   synth = synthesis_config(cfg, info, cfg.synthesis.weights.to_dict())
   # The pre-rounds (synthesis-only warm-up) run with weights adv=pre_adv, oh=pre_oh and

@@ -98,6 +98,9 @@ def build(teacher_path: str, method: str, num_images: int, batch_size: Optional[
           f'image pool to export); choose one of {pool_methods}.')
   if dataset is not None and dataset not in data.DATASETS:
     _fail(f'--dataset={dataset}: unknown; choose one of {sorted(data.DATASETS)}.')
+  if dataset is not None and not data.DATASETS[dataset].num_classes:  # image_folder
+    _fail(f'--dataset={dataset} has no fixed classes, shape or normalisation: pass '
+          '--num_classes, --input_shape, --mean and --std instead.')
   shape = None
   if input_shape:
     try:

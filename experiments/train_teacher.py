@@ -33,18 +33,15 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_c
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (checkpoints, metrics, teacher).')
 
 
-def _limit(split: data.Split, n: int) -> data.Split:
-  return data.Split(split.images[:n], split.labels[:n]) if n else split
-
-
 def train(cfg, workdir: str) -> dict:
   """Runs (or resumes) the training described by `cfg`; returns the summary dict."""
-  info = data.get_info(cfg.data.name)
   data_dir = cfg.data.dir or None
-  train_split = _limit(data.load(cfg.data.name, 'train', data_dir, cfg.data.backend),
-                       cfg.data.train_limit)
-  test_split = _limit(data.load(cfg.data.name, 'test', data_dir, cfg.data.backend),
-                      cfg.data.test_limit)
+  options = data.config_options(cfg.data)  # data.image_size etc., where the config has them
+  info = data.get_info(cfg.data.name, data_dir, **options)
+  train_split = data.load(cfg.data.name, 'train', data_dir, cfg.data.backend,
+                          limit=cfg.data.train_limit, **options)
+  test_split = data.load(cfg.data.name, 'test', data_dir, cfg.data.backend,
+                         limit=cfg.data.test_limit, **options)
   n, bs = len(train_split.labels), cfg.train.batch_size
   if bs > n:
     raise ValueError(f'train.batch_size={bs} exceeds the {n} training images.')

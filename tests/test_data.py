@@ -180,8 +180,9 @@ def test_missing_cifar(tmp_path):
 
 def test_unknown_dataset_and_split():
   with pytest.raises(ValueError) as e:
-    data.load('imagenet', 'train')
-  for choice in ('cifar10', 'cifar100', 'fashion_mnist', 'mnist'):
+    data.load('imagenet21k', 'train')
+  for choice in ('cifar10', 'cifar100', 'fashion_mnist', 'mnist', 'svhn', 'tiny_imagenet',
+                 'imagenet', 'image_folder'):
     assert choice in str(e.value)
   with pytest.raises(ValueError, match='split'):
     data.load('cifar10', 'validation')

@@ -389,7 +389,7 @@ def test_missing_teacher_checkpoint(tmp_path):
     ('teacher', 'arch', 'resnet50', ['teacher.arch', 'resnet50']),
     ('kd', 'ep_steps', 1, ['kd.ep_steps=1', 'kd.kd_steps (2)']),
     ('kd', 'mode', 'online', ['kd.mode', 'online']),
-    ('data', 'name', 'svhn', ['svhn', 'data.name']),
+    ('data', 'name', 'stl10', ['stl10', 'data.name']),
     ('synthesis', 'synthesizer', 'vae', ['synthesis.synthesizer', 'vae']),
     ('method', None, 'cmi_typo', ['cmi_typo', 'cmi_two_stage', 'dafl']),
 ])
