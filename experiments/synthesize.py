@@ -176,7 +176,7 @@ def synthesize_dataset(teacher, cfg, num_images: int, out: str, seed: int = 0,
   from cmi_jax.checkpoint import Checkpointer, abstract  # pylint: disable=g-import-not-at-top
   from cmi_jax.state import rng_stream  # pylint: disable=g-import-not-at-top
   from cmi_jax.synthesis import algorithms, api  # pylint: disable=g-import-not-at-top
-  from experiments.runner import StopSignal  # pylint: disable=g-import-not-at-top
+  from experiments.resume import StopSignal  # pylint: disable=g-import-not-at-top
 
   settings = dict(settings or {}, num_images=num_images, seed=seed, config=repr(cfg))
   os.makedirs(out, exist_ok=True)

@@ -1,0 +1,42 @@
+"""The run's inputs: the frozen teacher (directory, .pth, or 'random' for smoke
+tests) and the real test split used for evaluation (none: evaluation is off)."""
+
+from typing import Optional
+
+import jax
+from absl import logging
+
+from cmi_jax import data, models
+from cmi_jax.teacher import Teacher
+
+
+def load_teacher(cfg, info: data.DatasetInfo, dtype) -> Teacher:
+  """The frozen teacher from a directory, a .pth, or 'random' (smoke tests)."""
+  if cfg.teacher.checkpoint == 'random':
+    logging.warning('teacher.checkpoint=random: a randomly initialized teacher (tests only).')
+    module = models.get(cfg.teacher.arch, info.num_classes)
+    variables = models.init(module, jax.random.fold_in(jax.random.key(cfg.seed), 99),
+                            (1,) + info.image_shape)
+  else:
+    from cmi_jax import teacher_io  # pylint: disable=g-import-not-at-top
+    _, variables, card = teacher_io.load_teacher(
+        cfg.teacher.checkpoint, arch=cfg.teacher.arch, num_classes=info.num_classes,
+        input_shape=info.image_shape)
+    del card
+  # Rebuild with the compute dtype (params stay float32).
+  module = models.get(cfg.teacher.arch, info.num_classes, dtype=dtype)
+  return Teacher(module, variables)
+
+
+
+def load_test_split(cfg) -> Optional[data.Split]:
+  """The real test split for evaluation (data.eval_limit examples when set, never
+  decoded beyond them), or None (training is data-free)."""
+  try:
+    return data.load(cfg.data.name, 'test', cfg.data.dir or None, cfg.data.backend,
+                     limit=cfg.data.eval_limit, **data.config_options(cfg.data))
+  except data.DataCorruptError:
+    raise  # a damaged file must be replaced, not silently skipped
+  except data.DataNotFoundError as e:
+    print(f'Evaluation is off: {e}')
+    return None
