@@ -47,15 +47,22 @@ def main_guard(main):
 def parse_flags(argv):
   """absl `app.run(..., flags_parser=parse_flags)`: a bad flag value (e.g.
   `--config.kd.epochs=abc`, or a float where the typed, locked config holds an
-  int) or an override of a field the config lacks (`--config.kd.foo=1`) prints
-  one `error:` line and exits with status 2, instead of a traceback."""
+  int), an override of a field the config lacks (`--config.kd.foo=1`) or a bad
+  argument of the config file itself (`--config=configs/fashion_mnist.py:method=nosuch`)
+  prints one `error:` line and exits with status 2, instead of a traceback."""
   import sys  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
     msg = str(e)
-    if msg.startswith('flag --config.'):
+    if 'Error whilst parsing config file' in msg:
+      # The config file's get_config(arg) raised (e.g. an unknown method): ml_collections
+      # wraps its traceback into the message; its last line is the user's error.
+      last = [line for line in msg.splitlines() if line.strip()][-1]
+      config = [a for a in argv[1:] if a.startswith('--config=')]
+      msg = f'{config[0] if config else "--config"}: {last.split(": ", 1)[-1]}'
+    elif msg.startswith('flag --config.'):
       msg += ('. The config is typed: pass a value of the type its config file gives the '
               'field (--helpfull lists every config.* flag with its value).')
   except (AttributeError, KeyError) as e:  # ml_collections: no such field in the locked config

@@ -199,9 +199,10 @@ def save_png(path: str, image: np.ndarray, scale: int = 1) -> str:
 
 
 def plot_metrics(rows: Sequence[Dict[str, Any]], path: str,
-                 groups: Mapping[str, Sequence[str]]) -> Optional[str]:
-  """One subplot per group of metric keys, against the row's 'step'. Keys absent
-  from every row are skipped; returns the path, or None if nothing to plot."""
+                 groups: Mapping[str, Sequence[str]], xlabel: str) -> Optional[str]:
+  """One subplot per group of metric keys, against the row's 'step', labelled
+  `xlabel` (what the step counts: the runner writes one row per synthesis round).
+  Keys absent from every row are skipped; returns the path, or None if nothing to plot."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -223,7 +224,7 @@ def plot_metrics(rows: Sequence[Dict[str, Any]], path: str,
       xs, ys = zip(*pts)
       ax.plot(xs, ys, label=key, marker='.' if len(xs) < 30 else None)
     ax.set_title(title)
-    ax.set_xlabel('step')
+    ax.set_xlabel(xlabel)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
   fig.tight_layout()

@@ -61,9 +61,13 @@ def base_config(dataset: str, method: str = 'cmi'):
       local_scale=(0.25, 1.0), jitter=-1, dtype='float32',  # jitter -1: size // 8
       algorithm='cmi',  # the round function (cmi_jax/synthesis/algorithms.py)
       # FastDFKD (algorithm 'fast'; see SynthesisConfig): inner lr of z, meta-Adam lr
-      # (0: g_steps * lr_g), BN-EMA momentum, first round of L_adv (0-based, on device),
-      # round of the one-off reset_l0 (-1 never).
-      lr_z=0.01, lr_meta=0.0, bn_mmt=0.9, adv_start_round=0, reset_l0_round=-1,
+      # (0: g_steps * lr_g), BN-EMA momentum, first round of L_adv (0-based, on device;
+      # NAYER's too), round of the one-off reset_l0 (-1 never).
+      lr_z=0.01, lr_meta=0.0, bn_mmt=0.9,
+      # None: derived from kd.pre_rounds as the reference does (presets.warmup_rounds:
+      # FastDFKD pre_rounds - 1 and 119 + pre_rounds, NAYER pre_rounds); set to override.
+      adv_start_round=ml_collections.config_dict.placeholder(int),
+      reset_l0_round=ml_collections.config_dict.placeholder(int),
       # GAN baselines: True = the reference's early bug (teacher as the student in L_adv).
       adv_against_teacher=False,
       # NAYER (algorithm 'nayer'; see SynthesisConfig): loops per round (= epoch), rounds
@@ -158,11 +162,12 @@ def apply_quick(c) -> None:
   rounds_per_epoch = min(max(k.ep_steps // k.kd_steps, 1), 2)
   k.batch_size, k.kd_steps, k.epochs = 8, 2, 2
   k.ep_steps = k.kd_steps * rounds_per_epoch
-  # Keep L_adv's start where it was relative to the end of the warm-up (FastDFKD: one
-  # round before KD, NAYER: at the first KD round).
-  adv_after_warmup = s.adv_start_round - k.pre_rounds
-  k.pre_rounds = min(k.pre_rounds, 1)
-  s.adv_start_round = max(k.pre_rounds + adv_after_warmup, 0) if s.adv_start_round else 0
+  # An explicit L_adv start stays where it was relative to the end of the warm-up (one
+  # derived from kd.pre_rounds follows it by itself).
+  pre_rounds = min(k.pre_rounds, 1)
+  if s.adv_start_round:
+    s.adv_start_round = max(s.adv_start_round - k.pre_rounds + pre_rounds, 0)
+  k.pre_rounds = pre_rounds
   k.pre_loops = min(k.pre_loops, 2)
   s.le_emb_size = min(s.le_emb_size, 16)
   c.data.eval_limit, c.data.eval_batch_size = 64, 32

@@ -56,15 +56,15 @@ def get_config(arg=None):
     # epoch, periodic generator reset, every loop's images kept): batch 60 = 6 noisy
     # layers x 10 classes, 20 steps per loop, 2 warm-up rounds of 5 loops, 12 KD epochs
     # of 60 steps at batch 64, a fresh generator every 5 rounds.
-    s.batch_size, s.g_steps, s.g_life, s.adv_start_round = 60, 20, 5, 2
+    s.batch_size, s.g_steps, s.g_life = 60, 20, 5
     k.batch_size, k.kd_steps, k.ep_steps, k.epochs = 64, 60, 60, 12
     k.pre_rounds, k.pre_loops = 2, 5
     s.pool_size = keep_all_pool_size(c)
   if c.synthesis.algorithm == 'fast' and not a['full']:
     # FastDFKD at CPU size (benchmarks/time_to_accuracy.py): batch 64, 10 synthesis-only
-    # warm-up rounds (L_adv from the 10th), then 10 epochs of 5 rounds x 30 KD steps; the
+    # warm-up rounds (L_adv from the 10th: derived from kd.pre_rounds), then 10 epochs of 5 rounds x 30 KD steps; the
     # pool keeps every image (64 x 60 rounds); no reset_l0 (a round-140 event).
-    s.pool_size, s.adv_start_round, s.reset_l0_round = 8192, 9, -1
+    s.pool_size, s.reset_l0_round = 8192, -1
     k.batch_size, k.pre_rounds, k.kd_steps, k.ep_steps, k.epochs = 64, 10, 30, 150, 10
   if a['quick']:
     apply_quick(c)

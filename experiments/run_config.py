@@ -107,6 +107,10 @@ def synthesis_config(cfg, info: data.DatasetInfo, weights: Dict[str, float]) -> 
   s['betas'], s['local_scale'] = tuple(s['betas']), tuple(s['local_scale'])
   if s['global_padding'] < 0:
     s['global_padding'] = info.crop_padding
+  # adv_start_round / reset_l0_round None: derived from the warm-up, as the reference.
+  for k, v in presets.warmup_rounds(s['algorithm'], cfg.kd.pre_rounds).items():
+    if s.get(k) is None:
+      s[k] = v
   try:
     return SynthesisConfig(image_shape=info.image_shape, num_classes=info.num_classes,
                            mean=info.mean, std=info.std, **s).validate()

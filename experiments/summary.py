@@ -8,6 +8,8 @@ import numpy as np
 
 from cmi_jax import parallel, report
 
+ROUND_AXIS = 'synthesis round (warm-up included)'
+
 
 def synthesis_row(m: Dict[str, Any]) -> Dict[str, float]:
   """Per-round scalars: the last step of each loss term, the first step's total,
@@ -25,16 +27,20 @@ def synthesis_row(m: Dict[str, Any]) -> Dict[str, float]:
 
 
 def plots(workdir: str, writer: report.MetricWriter) -> None:
+  """accuracy.png and losses.png in the workdir, against the synthesis round (one
+  metrics row per round; warm-up rounds included)."""
   if not writer.enabled or not os.path.exists(writer.path):
     return
   rows = report.read_metrics(writer.path)
   report.plot_metrics(rows, os.path.join(workdir, 'accuracy.png'),
                       {'student test accuracy (%)': ['student_accuracy'],
-                       'KD': ['kd_loss'], 'teacher-student agreement (%)': ['kd_agreement']})
+                       'KD': ['kd_loss'], 'teacher-student agreement (%)': ['kd_agreement']},
+                      xlabel=ROUND_AXIS)
   report.plot_metrics(rows, os.path.join(workdir, 'losses.png'),
                       {'synthesis loss': ['loss', 'loss_first', 'best_loss'],
                        'terms': ['l_bn', 'l_oh', 'l_adv', 'l_cr', 'l_balance', 'l_act', 'l_tv'],
-                       'diagnostics': ['confidence', 'feature_diversity', 'class_entropy']})
+                       'diagnostics': ['confidence', 'feature_diversity', 'class_entropy']},
+                      xlabel=ROUND_AXIS)
 
 
 def summarize(cfg, plan, history, meta, workdir, seconds) -> Dict[str, Any]:

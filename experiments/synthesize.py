@@ -31,6 +31,8 @@ from typing import Any, Dict, Optional
 
 from absl import app, flags, logging
 
+from cmi_jax import errors
+
 _TEACHER = flags.DEFINE_string('teacher', None, 'Teacher directory or reference .pth file.')
 _METHOD = flags.DEFINE_string('method', 'cmi', 'Method preset (cmi_jax/synthesis/presets.py).')
 _NUM = flags.DEFINE_integer('num_images', None, 'Images to synthesize.')
@@ -53,8 +55,12 @@ _SET = flags.DEFINE_multi_string('set', [], 'Further SynthesisConfig field=value
 NPZ, SHEET, REPORT, PROGRESS = 'synthetic.npz', 'contact_sheet.png', 'synthesis.json', 'progress'
 
 
+class CommandLineError(errors.UserError, app.UsageError):
+  """A bad flag value: printed as one `error:` line, exit status 2 (no flag help)."""
+
+
 def _fail(msg: str):
-  raise app.UsageError(msg)
+  raise CommandLineError(msg)
 
 
 def _parse_value(field: str, text: str, default: Any) -> Any:
@@ -297,4 +303,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(errors.main_guard(main), flags_parser=errors.parse_flags)  # user errors: one line

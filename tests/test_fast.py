@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import cmi_jax
-from cmi_jax import distill, parallel
+from cmi_jax import data, distill, parallel
 from cmi_jax.checkpoint import Checkpointer, abstract
 from cmi_jax.models.layers import BNTap
 from cmi_jax.state import cosine_per_epoch
@@ -25,7 +25,7 @@ from cmi_jax.synthesis.api import make_config
 from cmi_jax.synthesis.config import LossWeights, SynthesisConfig
 from cmi_jax.synthesis.round_kit import to_uint8
 from cmi_jax.teacher import Teacher
-from experiments import plan
+from experiments import plan, runner
 from tests.helpers import teacher_student
 
 pytestmark = pytest.mark.usefixtures('compilation_cache')
@@ -433,7 +433,26 @@ def test_cifar_rows(dataset, row, adv, oh):
   assert (s.batch_size, k.batch_size, k.pre_rounds + k.epochs, k.pre_rounds) == (256, 256, 220, 20)
   assert (k.kd_steps, k.ep_steps, k.temperature, k.lr, k.lr_min, k.weight_decay) == \
       (400, 400, 20.0, 0.2, 2e-4, 1e-4)
-  assert (s.adv_start_round, s.reset_l0_round, s.pool_size, s.bn_mmt) == (19, 139, 56320, 0.9)
+  assert (s.pool_size, s.bn_mmt) == (56320, 0.9)
+  synth = runner.synthesis_config(c, data.get_info(dataset), s.weights.to_dict())
+  assert (synth.adv_start_round, synth.reset_l0_round) == (19, 139)  # 20 + 120 - 1, 0-based
+
+
+@pytest.mark.parametrize('pre_rounds,adv,reset', [(20, 19, 139), (5, 4, 124), (1, 0, 120),
+                                                  (0, 0, 119)])
+def test_adv_start_and_reset_l0_follow_the_warm_up(pre_rounds, adv, reset):
+  """The reference derives both from its warm-up W: L_adv from the W-th round (1-based)
+  and reset_l0 at the (120 + W)-th; changing kd.pre_rounds alone moves them. A value
+  set in the config wins."""
+  from configs.common import make_dataset_config  # pylint: disable=g-import-not-at-top
+  c = make_dataset_config('cifar10', 'wrn40_2-wrn16_1,method=fast5')
+  c.kd.pre_rounds = pre_rounds
+  synth = runner.synthesis_config(c, data.get_info('cifar10'), c.synthesis.weights.to_dict())
+  assert (synth.adv_start_round, synth.reset_l0_round, synth.warmup_rounds) == \
+      (adv, reset, pre_rounds)
+  c.synthesis.adv_start_round, c.synthesis.reset_l0_round = 3, -1
+  synth = runner.synthesis_config(c, data.get_info('cifar10'), c.synthesis.weights.to_dict())
+  assert (synth.adv_start_round, synth.reset_l0_round) == (3, -1)
 
 
 def test_cosine_with_eta_min():

@@ -184,17 +184,25 @@ def _cli(*args, cache_dir):
                         env=subprocess_env(cache_dir))
 
 
-@pytest.mark.parametrize('override, words', [
-    ('--config.kd.epochs=abc', ['--config.kd.epochs=abc', "'abc'"]),
-    ('--config.kd.epochs=1.5', ['--config.kd.epochs=1.5', "'1.5'"]),  # float for an int
-    ('--config.kd.foo=1', ['--config.kd.foo', 'does not have']),
-    ('--config.teacher.checkpoint=/nonexistent/t', ['teacher.checkpoint', '/nonexistent/t']),
-    ('--config.synthesis.batch_size=0', ['batch_size']),
+QUICK = '--config=configs/fashion_mnist.py:quick'
+
+
+@pytest.mark.parametrize('config, override, words', [
+    (QUICK, '--config.kd.epochs=abc', ['--config.kd.epochs=abc', "'abc'"]),
+    (QUICK, '--config.kd.epochs=1.5', ['--config.kd.epochs=1.5', "'1.5'"]),  # float for an int
+    (QUICK, '--config.kd.foo=1', ['--config.kd.foo', 'does not have']),
+    (QUICK, '--config.teacher.checkpoint=/nonexistent/t', ['teacher.checkpoint',
+                                                          '/nonexistent/t']),
+    (QUICK, '--config.synthesis.batch_size=0', ['batch_size']),
+    # A bad value in the config file's own argument (raised while the file is read).
+    ('--config=configs/fashion_mnist.py:method=nosuch', '--config.seed=0',
+     ["--config=configs/fashion_mnist.py:method=nosuch", "Unknown method 'nosuch'", 'fast5']),
+    ('--config=configs/fashion_mnist.py:nosuch=1', '--config.seed=0',
+     ["Unknown config argument 'nosuch'"]),
 ])
-def test_cli_prints_user_errors_as_one_line(tmp_path, cache_dir, override, words):
+def test_cli_prints_user_errors_as_one_line(tmp_path, cache_dir, config, override, words):
   t = time.perf_counter()
-  p = _cli('--config=configs/fashion_mnist.py:quick', override, f'--workdir={tmp_path}/run',
-           cache_dir=cache_dir)
+  p = _cli(config, override, f'--workdir={tmp_path}/run', cache_dir=cache_dir)
   assert time.perf_counter() - t < 60
   assert p.returncode == 2, p.stderr
   assert 'Traceback' not in p.stderr
@@ -350,7 +358,7 @@ def _poison_rounds(monkeypatch, bad_calls):
     steps.round = round_fn
     return steps
   monkeypatch.setattr(runner, 'compile_plan', compile_plan)
-  monkeypatch.setattr(runner, '_plots', lambda *args: None)
+  monkeypatch.setattr(runner.summary, 'plots', lambda *args: None)
   return calls
 
 
@@ -538,7 +546,7 @@ def test_runner_survives_full_disk_then_corrupt_checkpoint(tmp_path, monkeypatch
   if not _tmpfs(mnt, '64m'):
     pytest.skip('mounting a tmpfs needs root')
   try:
-    monkeypatch.setattr(runner, '_plots', lambda *args: None)
+    monkeypatch.setattr(runner.summary, 'plots', lambda *args: None)
     cfg = tiny_config(epochs=1, rounds_per_epoch=3, num_devices=1)
     cfg.log.checkpoint_every_rounds, cfg.log.max_checkpoints = 1, 3
     cfg.log.async_checkpoints = False  # the failure surfaces at the save itself (async: tested above)

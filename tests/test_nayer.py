@@ -359,8 +359,10 @@ def test_cifar_rows_are_the_authors_settings():
         cfg = module.get_config(f'{row},method=nayer,epochs={epochs}')
         s, k = cfg.synthesis, cfg.kd
         assert (s.algorithm, s.batch_size, s.g_steps, s.lr_g, s.g_loops, s.g_life,
-                s.le_emb_size, s.bn_mmt, s.adv_start_round) == \
-            ('nayer', 400, g_steps, 4e-3, 2, 10, 1000, 0.9, 20)
+                s.le_emb_size, s.bn_mmt) == ('nayer', 400, g_steps, 4e-3, 2, 10, 1000, 0.9)
+        synth = runner.synthesis_config(cfg, cmi_jax.data.get_info(cfg.data.name),
+                                        s.weights.to_dict())
+        assert (synth.adv_start_round, synth.warmup_rounds) == (20, 20)
         assert s.weights.to_dict() == dict(bn=10.0, oh=0.5, adv=1.33, cr=0.0, balance=0.0,
                                            act=0.0, tv=0.0)
         assert (k.batch_size, k.lr, k.lr_min, k.temperature, k.kd_steps, k.ep_steps, k.epochs,
@@ -375,7 +377,9 @@ def test_fashion_mnist_setting_is_valid():
   cfg.teacher.checkpoint = 'random'
   runner.validate(cfg)
   s, k = cfg.synthesis, cfg.kd
-  assert s.batch_size % 10 == 0 and k.pre_rounds == s.adv_start_round
+  synth = runner.synthesis_config(cfg, cmi_jax.data.get_info('fashion_mnist'),
+                                  s.weights.to_dict())
+  assert s.batch_size % 10 == 0 and k.pre_rounds == synth.adv_start_round == 2
   assert s.pool_size == s.batch_size * (k.pre_rounds * k.pre_loops + k.epochs * s.g_loops)
 
 
@@ -406,3 +410,24 @@ def test_runner_warmup_and_exact_resume(tmp_path):
   b, meta_b = load_checkpoint(resumed)
   assert meta_a['round'] == meta_b['round'] == 3 and summary['rounds'] == 3
   jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.mark.parametrize('warmup,g_life,want', [
+    (2, 5, [0, 2, 5, 7, 10, 12]),     # configs/fashion_mnist.py:method=nayer
+    (20, 10, [0, 10]),                # the CIFAR scripts: the two rules agree
+    (3, 4, [0, 3, 4, 7, 8, 11, 12]),
+])
+def test_generator_reset_schedule_is_the_references(warmup, g_life, want):
+  """The reference (`nayer.py:154-155`) replaces the generator when
+  (epoch - warmup) % g_life == 0 or epoch % g_life == 0 (Python's floor modulo)."""
+  rounds = jnp.arange(14)
+  got = np.flatnonzero(np.asarray(nayer.generator_resets(rounds, g_life, warmup)))
+  reference = [e for e in range(14) if (e - warmup) % g_life == 0 or e % g_life == 0]
+  assert got.tolist() == reference == [r for r in want if r < 14]
+
+
+def test_fashion_mnist_nayer_warm_up_reaches_the_round():
+  cfg = fashion_mnist.get_config('method=nayer')
+  synth = runner.synthesis_config(cfg, cmi_jax.data.get_info('fashion_mnist'),
+                                  cfg.synthesis.weights.to_dict())
+  assert (synth.g_life, synth.warmup_rounds) == (5, 2)

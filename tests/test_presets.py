@@ -73,7 +73,7 @@ EXPECTED = {
     # Table 1 'adversarial' (section 3): ~50k non-adversarial pre-inverted images
     # (196 rounds x 256), then adv 0.5 / bn 1 / oh 0.5, 2000 KD steps per round, 40
     # epochs; the pool keeps all (196 + 40) x 256 images.
-    'cmi_two_stage': (dict(pool_size=60416), dict(oh=0.5),
+    'cmi_two_stage': (dict(pool_size=60416, warmup_rounds=196), dict(oh=0.5),
                       dict(pre_rounds=196, pre_adv=0.0, pre_oh=1.0, kd_steps=2000,
                            ep_steps=2000, epochs=40)),
     # NAYER (successor-methods.md 2.5, NAYER_200): its own round; batch 400, 30 steps per
@@ -81,7 +81,7 @@ EXPECTED = {
     # loops per epoch after 20 warm-up rounds of 10; KD batch 512, lr 0.2 cosine to 2e-4;
     # every loop's images kept: (20 x 10 + 200 x 2) x 400.
     'nayer': (dict(algorithm='nayer', views='crop', batch_size=400, g_steps=30, lr_g=4e-3,
-                   pool_size=240000, adv_start_round=20),
+                   pool_size=240000, adv_start_round=20, warmup_rounds=20),
               dict(bn=10.0, oh=0.5, adv=1.33, cr=0.0),
               dict(batch_size=512, lr=0.2, lr_min=2e-4, pre_rounds=20, pre_oh=0.5,
                    pre_loops=10)),
@@ -93,7 +93,8 @@ EXPECTED = {
 for _name, (_k, _lr_g, _lr_z) in {'fast2': (2, 5e-3, 0.015), 'fast5': (5, 3e-3, 0.01),
                                   'fast10': (10, 2e-3, 0.01)}.items():
   EXPECTED[_name] = (dict(algorithm='fast', views='crop', g_steps=_k, lr_g=_lr_g, lr_z=_lr_z,
-                          pool_size=56320, adv_start_round=19, reset_l0_round=139),
+                          pool_size=56320, adv_start_round=19, reset_l0_round=139,
+                          warmup_rounds=20),
                      dict(bn=10.0, oh=0.4, adv=1.1, cr=0.0),
                      dict(batch_size=256, lr=0.2, lr_min=2e-4, pre_rounds=20, pre_adv=1.1,
                           pre_oh=0.4))

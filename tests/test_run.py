@@ -102,7 +102,7 @@ def _crash_at_save(monkeypatch, step):
 
 def _no_plots(monkeypatch):
   """Plots are checked on one run; the others skip matplotlib (~1 s a plot)."""
-  monkeypatch.setattr(runner, '_plots', lambda *args: None)
+  monkeypatch.setattr(runner.summary, 'plots', lambda *args: None)
 
 
 def check_lr(rows, epochs, rounds_per_epoch):

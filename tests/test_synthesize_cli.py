@@ -143,5 +143,6 @@ def test_command_line_error_exit(tmp_path):
                          '--num_images=4', f'--out={tmp_path / "o"}'], cwd=ROOT,
                         env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
                         timeout=120)
-  assert proc.returncode == 1
-  assert '--teacher=/nope: no such file or directory' in proc.stderr
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.startswith('error: --teacher=/nope: no such file or directory'), proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # no flag help, no traceback

@@ -82,6 +82,11 @@ class SynthesisConfig:
   bn_mmt: float = 0.9
   adv_start_round: int = 0
   reset_l0_round: int = -1
+  # The synthesis-only warm-up's length in rounds (the runner's kd.pre_rounds). NAYER
+  # replaces its generator when (round - warmup_rounds) % g_life == 0 as well as when
+  # round % g_life == 0 (the reference's rule); the runner derives adv_start_round and
+  # reset_l0_round from it unless they are set (presets.warmup_rounds).
+  warmup_rounds: int = 0
   # GAN baselines (kd.mode 'fresh') only: True reproduces the reference scripts' early
   # bug (DataFree's first commit, Fast-Datafree `datafree_kd.py:270`; issue #11 there):
   # the teacher stands in for the student in L_adv, so the adversarial term is zero.
@@ -119,6 +124,7 @@ class SynthesisConfig:
         ('bn_mmt', 0.0 <= self.bn_mmt < 1.0, 'in [0, 1)'),
         ('g_loops', self.g_loops >= 1, '>= 1'),
         ('g_life', self.g_life >= 1, '>= 1'),
+        ('warmup_rounds', self.warmup_rounds >= 0, '>= 0'),
         ('le_emb_size', self.le_emb_size >= 1, '>= 1'),
         ('label_embeddings', embeddings.check_source(self.label_embeddings),
          "'classifier', 'penultimate', 'random', 'onehot' or a path ending in .npy"),

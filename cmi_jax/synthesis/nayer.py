@@ -1,8 +1,9 @@
 """The NAYER synthesis round (Tran et al., CVPR 2024), as one pure jittable function.
 
 A round is one epoch's synthesis (reference `datafree/synthesis/nayer.py:147-243`):
-  1. every g_life rounds (state.round % g_life == 0) the generator is replaced
-     by a freshly initialised one; otherwise it persists across loops and rounds;
+  1. when round % g_life == 0 or (round - warmup_rounds) % g_life == 0 (the
+     reference's rule, `nayer.py:154-155`) the generator is replaced by a freshly
+     initialised one; otherwise it persists across loops and rounds;
   2. `loops` loops (gwp_loops during the synthesis-only warm-up, g_loops after);
      each loop re-draws the noisy layers (W ~ N(0, 1), b = 0), takes class-cyclic
      targets (each noisy layer serves one sample of every class), starts a fresh
@@ -67,6 +68,12 @@ def init_generator(cfg: SynthesisConfig, emb_dim: int, rng: jax.Array):
   return {'params': variables['params'], 'batch_stats': variables['batch_stats']}
 
 
+def generator_resets(rounds: jax.Array, g_life: int, warmup_rounds: int) -> jax.Array:
+  """Whether round `rounds` (0-based, warm-up included) starts from a fresh generator:
+  (epoch - warmup) % g_life == 0 or epoch % g_life == 0, floor modulo as Python's."""
+  return (rounds % g_life == 0) | ((rounds - warmup_rounds) % g_life == 0)
+
+
 def class_cyclic_targets(rng: jax.Array, batch_size: int, num_classes: int) -> jax.Array:
   """[B] int32: B // C copies of [0, ..., C-1], then B % C random classes
   (reference `generate_ys`), so chunk i of C samples holds every class once."""
@@ -113,8 +120,9 @@ def nayer_round(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Teache
   gen = make_generator(cfg)
   d = feature_dim(teacher, cfg.image_shape)
   k_fresh, k_loops = jax.random.split(rng)
-  # 1. A fresh generator every g_life rounds (epochs 0, g_life, 2 g_life, ...).
-  reset = state.round % cfg.g_life == 0
+  # 1. A fresh generator every g_life rounds, counted from 0 and from the end of the
+  # warm-up (warm-up 2, g_life 5: rounds 0, 2, 5, 7, 10, 12, ...).
+  reset = generator_resets(state.round, cfg.g_life, cfg.warmup_rounds)
   fresh = init_generator(cfg, emb_dim, k_fresh)
   generator = jax.tree_util.tree_map(lambda f, o: jnp.where(reset, f, o), fresh, state.generator)
   use_adv = cfg.weights.adv > 0 and student is not None

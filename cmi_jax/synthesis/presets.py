@@ -107,7 +107,6 @@ FAST_COMMON = {
                   'reinit': True, 'views': 'crop', 'adv_kind': 'masked_kl',
                   'adv_temperature': 1.0, 'oh_kind': 'targets', 'betas': (0.5, 0.999),
                   'batch_size': 256, 'pool_size': 220 * 256, 'bn_mmt': 0.9, 'lr_meta': 0.0,
-                  'adv_start_round': 19, 'reset_l0_round': 139,
                   'weights': {'bn': 10.0, 'oh': 0.4, 'adv': 1.1, 'cr': 0.0,
                               'balance': 0.0, 'act': 0.0, 'tv': 0.0}},
     'kd': {'mode': 'pool', 'loss': 'kl', 'temperature': 20.0, 'batch_size': 256, 'lr': 0.2,
@@ -134,13 +133,26 @@ PRESETS['nayer'] = {
                   'adv_temperature': 1.0, 'oh_kind': 'targets', 'betas': (0.5, 0.999),
                   'batch_size': 400, 'g_steps': 30, 'lr_g': 4e-3,
                   'pool_size': (20 * 10 + 200 * 2) * 400, 'bn_mmt': 0.9,
-                  'adv_start_round': 20, 'g_loops': 2, 'g_life': 10, 'le_emb_size': 1000,
+                  'g_loops': 2, 'g_life': 10, 'le_emb_size': 1000,
                   'weights': {'bn': 10.0, 'oh': 0.5, 'adv': 1.33, 'cr': 0.0,
                               'balance': 0.0, 'act': 0.0, 'tv': 0.0}},
     'kd': {'mode': 'pool', 'loss': 'kl', 'temperature': 20.0, 'batch_size': 512, 'lr': 0.2,
            'lr_min': 2e-4, 'epochs': 200, 'kd_steps': 400, 'ep_steps': 400,
            'pre_rounds': 20, 'pre_adv': 0.0, 'pre_oh': 0.5, 'pre_loops': 10},
 }
+
+
+def warmup_rounds(algorithm: str, pre_rounds: int) -> Dict[str, int]:
+  """The rounds the reference derives from its warm-up length W (kd.pre_rounds), used
+  unless a config sets them (0-based, the warm-up's rounds counted):
+  FastDFKD: L_adv from the W-th round (W - 1, one round before KD, `fast_meta.py:144`),
+  reset_l0 at the (120 + W)-th (119 + W); NAYER: L_adv from the first KD round (W)."""
+  if algorithm == 'fast':
+    return {'adv_start_round': max(pre_rounds - 1, 0), 'reset_l0_round': 119 + pre_rounds,
+            'warmup_rounds': pre_rounds}
+  if algorithm == 'nayer':
+    return {'adv_start_round': pre_rounds, 'reset_l0_round': -1, 'warmup_rounds': pre_rounds}
+  return {'adv_start_round': 0, 'reset_l0_round': -1, 'warmup_rounds': pre_rounds}
 
 
 def get(name: str) -> Dict[str, Any]:
@@ -167,7 +179,12 @@ def apply_to_config(config, name: str) -> None:
 
 def apply_to_synthesis_config(cfg, name: str):
   """Returns SynthesisConfig `cfg` with preset `name`'s synthesis overrides."""
-  values = dict(get(name)['synthesis'])
+  preset = get(name)
+  values = dict(preset['synthesis'])
+  # The library runs no warm-up, but keeps the preset's round numbers (as its schedule).
+  for k, v in warmup_rounds(values.get('algorithm', 'cmi'),
+                            preset.get('kd', {}).get('pre_rounds', 0)).items():
+    values.setdefault(k, v)
   weights = dataclasses.replace(cfg.weights, **values.pop('weights', {}))
   fields = {f.name for f in dataclasses.fields(cfg)}
   values = {k: v for k, v in values.items() if k in fields}
