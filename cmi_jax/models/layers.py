@@ -353,3 +353,19 @@ class BlockStack(nn.Module):
 def global_avg_pool(x: jax.Array) -> jax.Array:
   """[N, H, W, C] -> [N, C] (AdaptiveAvgPool2d(1) + flatten)."""
   return jnp.mean(x, axis=(1, 2))
+
+
+def fixed_avg_pool(x: jax.Array, window: int, arch: str, input_hw, size: int = 32) -> jax.Array:
+  """AvgPool2d(window) + flatten for nets whose head expects exactly one window.
+
+  The reference nets that pool with a fixed window (RepDistiller's resnet8..110 and
+  shufflenetv2) only work at the input size they were built for: elsewhere the
+  head's input has the wrong width (a shape error in PyTorch). Here that is a
+  clear error naming the size that works.
+  """
+  if x.shape[1:3] != (window, window):
+    h, w = input_hw
+    raise ValueError(f'{arch} works at {size}x{size} inputs only: its AvgPool2d({window}) head '
+                     f'needs a {window}x{window} final feature map, but a {h}x{w} input gives '
+                     f'{x.shape[1]}x{x.shape[2]}. Resize the images to {size}x{size}.')
+  return global_avg_pool(x)
