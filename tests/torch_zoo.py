@@ -259,7 +259,8 @@ def parity(arch, path, input_shape=(32, 32, 3), num_classes=10, batch=2, seed=0,
   layout: 'reference' ({'state_dict': ...}, zip), 'torchvision' (a raw state_dict, zip)
   or 'legacy' (a raw state_dict in torch's pre-1.6 format, as torchvision's 2017-18
   ImageNet weights are).
-  Returns {'max_abs_diff', 'logit_spread' (mean over classes of the std over inputs)},
+  Returns {'max_abs_diff', 'max_abs_logit', 'logit_spread' (mean over classes of the
+  std over inputs)},
   with fp64=True also both float32 forwards' distance from torch in float64.
   """
   import jax  # pylint: disable=import-outside-toplevel
@@ -281,6 +282,7 @@ def parity(arch, path, input_shape=(32, 32, 3), num_classes=10, batch=2, seed=0,
     exact = net.double()(x_nchw.double()).numpy() if fp64 else None
   logits = np.asarray(jax.jit(lambda v, x: module.apply(v, x, train=False))(variables, x))
   out = {'max_abs_diff': float(np.max(np.abs(logits - expected))),
+         'max_abs_logit': float(np.max(np.abs(expected))),
          'logit_spread': float(np.mean(np.std(expected, axis=0)))}
   if fp64:  # how far each float32 forward is from a float64 one: the floor of the comparison
     out['jax_vs_torch_fp64'] = float(np.max(np.abs(logits - exact)))
