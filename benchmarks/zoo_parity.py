@@ -2,6 +2,7 @@
 
   python -m benchmarks.zoo_parity            # every net at 32x32, ImageNet nets also at 224 (~3 min CPU)
   python -m benchmarks.zoo_parity --only resnet8 resnet18_imagenet
+  python -m benchmarks.zoo_parity --table    # the README table from the last results
 
 For each architecture a randomized torch twin (tests/torch_zoo.py: random weights,
 BN running statistics measured on a random batch and jittered, eval mode) is saved
@@ -15,6 +16,7 @@ Writes benchmarks/results/zoo_parity.json.
 """
 
 import argparse
+import json
 import os
 import pathlib
 import sys
@@ -47,11 +49,47 @@ def param_count(arch, num_classes):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables['params']))
 
 
+# Reference spellings that differ from the name, and input sizes (models.FIXED_INPUT_SIZE: 32 only).
+SPELLINGS = {'vgg8': '`vgg8` (`vgg8_bn`)', 'vgg13': '`vgg13` (`vgg13_bn`)',
+             'resnet18_imagenet': '`resnet18_imagenet`; torchvision `resnet18`',
+             'resnet34_imagenet': 'torchvision `resnet34` (not in the DF registry)',
+             'resnet50_imagenet': '`resnet50_imagenet`; torchvision `resnet50`',
+             'mobilenetv2_imagenet': '`mobilenetv2_imagenet`; torchvision `mobilenet_v2`'}
+SIZES = {'vgg8': 'any (32, 64)', 'vgg13': 'any (32, 64)', 'mobilenetv2': 'any (32, 64, 224)',
+         'resnet50': 'any (32, 64)', **{a: '224 (any)' for a in IMAGENET}}
+LAYOUTS = {'reference': "`{'state_dict'}` zip", 'torchvision': 'raw zip', 'legacy': 'raw legacy'}
+
+
+def table(rows):
+  """The README's model-zoo table (markdown) from result rows."""
+  by_arch = {}
+  for r in rows:
+    by_arch.setdefault(r['arch'], []).append(r)
+  lines = ['| cmi_jax name | reference spelling(s) | params | inputs | file tested | '
+           'max \\|logit diff\\| (max \\|logit\\|) | torch fp32 vs fp64 |', '|---' * 7 + '|']
+  for arch, rs in by_arch.items():
+    rs = sorted(rs, key=lambda r: -r['input'])  # 224 first
+    at = lambda r: f" at {r['input']}" if len(rs) > 1 else ''
+    params = f"{rs[0]['params'] / 1e6:.4f}M" + (' (1000 cls)' if rs[0]['num_classes'] == 1000 else '')
+    size = SIZES.get(arch, f"{models.FIXED_INPUT_SIZE.get(arch, 'any')} only")
+    files = '; '.join(f"{LAYOUTS[r['layout']]}{at(r)}" for r in rs)
+    diffs = '; '.join(f"{r['max_abs_diff']:.1e} ({r['max_abs_logit']:.0f}){at(r)}" for r in rs)
+    floor = '; '.join(f"{r['torch_fp32_vs_fp64']:.1e}" for r in rs)
+    lines.append(f"| `{arch}` | {SPELLINGS.get(arch, f'`{arch}`')} | {params} | {size} | {files} | "
+                 f'{diffs} | {floor} |')
+  return '\n'.join(lines)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--only', nargs='*', help='architectures to measure (default: all)')
   parser.add_argument('--out', default=OUT)
+  parser.add_argument('--table', action='store_true', help='print the README table of --out')
   args = parser.parse_args(argv)
+  if args.table:
+    with open(args.out, encoding='utf-8') as f:
+      print(table(json.load(f)['rows']))
+    return None
   from tests.torch_zoo import parity  # pylint: disable=import-outside-toplevel  (needs torch)
   rows = []
   with tempfile.TemporaryDirectory() as tmp:

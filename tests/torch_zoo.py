@@ -216,12 +216,19 @@ def zoo_nets():
   return build
 
 
-def randomize(net, seed, input_shape, images=None):
-  """Random weights, and BN running statistics measured on a random batch (with
-  `images` [N, C, H, W] in it), then jittered: so a swapped or mis-laid key cannot
-  hide, and the logits of deep nets still depend on the input (the default init with
-  unit stats flattens them) without blowing up (statistics measured on other images
-  than the test batch let deep residual nets grow their logits into the hundreds)."""
+def randomize(net, seed, input_shape=None, images=None, head_gain=1.0, var_floor=VAR_FLOOR,
+              calibration_batch=CALIBRATION_BATCH):
+  """Random weights and BN statistics, so a swapped or mis-laid key cannot hide.
+
+  With input_shape, the running statistics are first measured on a random batch
+  (with `images` [N, C, H, W] in it), then jittered: with the default init and unit
+  running stats the logits of a deep net barely depend on the input, and statistics
+  measured on other images than the test batch let deep residual nets grow their
+  logits into the hundreds. Linear weights have variance head_gain / fan_in (1: logits
+  of order 1). var_floor: a channel that was constant on the batch (ReLU6-saturated,
+  or 1x1 maps deep in mobilenetv2 at 32x32) would divide float32 noise by sqrt(eps)
+  in both frameworks. Also used by tests/test_convert.py (its own settings).
+  """
   import torch  # pylint: disable=import-outside-toplevel
   gen = torch.Generator().manual_seed(seed)
   bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -229,25 +236,26 @@ def randomize(net, seed, input_shape, images=None):
     for mod in net.modules():
       if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
         fan_in = mod.weight[0].numel()
-        gain = 2.0 if isinstance(mod, torch.nn.Conv2d) else 1.0  # logits of order 1
+        gain = 2.0 if isinstance(mod, torch.nn.Conv2d) else head_gain
         mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * (gain / fan_in) ** 0.5)
         if mod.bias is not None:
           mod.bias.copy_(torch.randn(mod.bias.shape, generator=gen) * 0.1)
-      elif isinstance(mod, torch.nn.BatchNorm2d):
-        mod.weight.copy_(torch.rand(mod.weight.shape, generator=gen) + 0.5)
-        mod.bias.copy_(torch.randn(mod.bias.shape, generator=gen) * 0.1)
+    for mod in bns:
+      mod.weight.copy_(torch.rand(mod.weight.shape, generator=gen) + 0.5)
+      mod.bias.copy_(torch.randn(mod.bias.shape, generator=gen) * 0.1)
+    if input_shape is not None:
+      for mod in bns:
         mod.reset_running_stats()
         mod.momentum = None  # cumulative: the statistics of the one calibration batch
-    h, w, c = input_shape
-    batch = torch.randn((CALIBRATION_BATCH, c, h, w), generator=gen)
-    net.train()(batch if images is None else torch.cat([images, batch]))
+      h, w, c = input_shape
+      batch = torch.randn((calibration_batch, c, h, w), generator=gen)
+      net.train()(batch if images is None else torch.cat([images, batch]))
     for mod in bns:
-      mod.momentum = 0.1
+      mod.momentum = 0.1  # torch's default
       mod.running_mean.add_(torch.randn(mod.running_mean.shape, generator=gen) * 0.1)
       mod.running_var.mul_(torch.rand(mod.running_var.shape, generator=gen) + 0.5)
-      # A channel that was constant on the batch (ReLU6-saturated, or 1x1 maps deep in
-      # mobilenetv2 at 32x32) would divide float32 noise by sqrt(eps) in both frameworks.
-      mod.running_var.clamp_(min=VAR_FLOOR)
+      mod.running_var.clamp_(min=var_floor)
+      mod.num_batches_tracked.fill_(seed)
   return net.eval()
 
 

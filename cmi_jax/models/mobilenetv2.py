@@ -72,12 +72,8 @@ class _InvertedBody(nn.Module):
     return BatchNorm(dtype=self.dtype, axis_name=self.axis_name, name=str(i + 2))(x, train)
 
 
-class InvertedResidual(nn.Module):
-  out: int
-  stride: int
-  expand_ratio: int
-  dtype: Optional[Any] = None
-  axis_name: Optional[str] = None
+class InvertedResidual(_InvertedBody):
+  """The block: its body under `conv`, plus the identity when the shape allows."""
 
   @nn.compact
   def __call__(self, x, train: bool):
