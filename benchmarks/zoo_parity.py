@@ -1,6 +1,6 @@
 """Parity of every model-zoo entry with its torch twin: the figures of the README zoo table.
 
-  python -m benchmarks.zoo_parity            # every net at 32x32, ImageNet nets also at 224 (~3 min CPU)
+  python -m benchmarks.zoo_parity            # all nets at 32, ImageNet ones also at 224 (~3 min)
   python -m benchmarks.zoo_parity --only resnet8 resnet18_imagenet
   python -m benchmarks.zoo_parity --table    # the README table from the last results
 
@@ -70,7 +70,8 @@ def table(rows):
   for arch, rs in by_arch.items():
     rs = sorted(rs, key=lambda r: -r['input'])  # 224 first
     at = lambda r: f" at {r['input']}" if len(rs) > 1 else ''
-    params = f"{rs[0]['params'] / 1e6:.4f}M" + (' (1000 cls)' if rs[0]['num_classes'] == 1000 else '')
+    params = f"{rs[0]['params'] / 1e6:.4f}M"
+    params += ' (1000 cls)' if rs[0]['num_classes'] == 1000 else ''
     size = SIZES.get(arch, f"{models.FIXED_INPUT_SIZE.get(arch, 'any')} only")
     files = '; '.join(f"{LAYOUTS[r['layout']]}{at(r)}" for r in rs)
     diffs = '; '.join(f"{r['max_abs_diff']:.1e} ({r['max_abs_logit']:.0f}){at(r)}" for r in rs)

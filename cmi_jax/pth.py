@@ -216,7 +216,8 @@ class _LegacyUnpickler(_RestrictedUnpickler):
       return root
     if not (isinstance(view, tuple) and len(view) == 3 and all(isinstance(v, int) for v in view[1:])
             and 0 <= view[1] and view[1] + view[2] <= root.size):
-      raise CheckpointFormatError(f'invalid storage view {view!r} of a {root.size}-element storage.')
+      raise CheckpointFormatError(f'invalid storage view {view!r} of a {root.size}-element '
+                                  'storage.')
     return root[view[1]:view[1] + view[2]]  # a view: filled with its root
 
 

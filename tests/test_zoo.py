@@ -272,7 +272,8 @@ def test_legacy_malicious_global_is_refused(tmp_path):
 
 
 def test_legacy_truncated_and_inconsistent(tmp_path):
-  body = (_EMPTY_ORDERED_DICT + b'(' + _op_str('w') + _op_global('torch._utils', '_rebuild_tensor_v2')
+  body = (_EMPTY_ORDERED_DICT + b'(' + _op_str('w')
+          + _op_global('torch._utils', '_rebuild_tensor_v2')
           + _op_tuple(_legacy_pid('0', 4), _op_int(0), _op_tuple(_op_int(4)),
                       _op_tuple(_op_int(1)), b'\x89', _EMPTY_ORDERED_DICT) + b'R' + b'u')
   good = _write_legacy(tmp_path / 'ok.pth', body, {'0': np.ones(4, np.float32)})

@@ -90,5 +90,6 @@ def init(module: nn.Module, rng, input_shape, **kwargs) -> Dict[str, Any]:
 
 
 __all__ = ['init', 'ALIASES', 'CLASSIFIERS', 'FIXED_INPUT_SIZE', 'canonical_name', 'get',
-           'ImageNetResNet', 'MobileNetV2', 'ShuffleNetV2', 'TinyResNet', 'Generator', 'NLGenerator', 'Head', 'HEAD_KINDS', 'l2_normalize', 'TAPS',
+           'ImageNetResNet', 'MobileNetV2', 'ShuffleNetV2', 'TinyResNet',
+           'Generator', 'NLGenerator', 'Head', 'HEAD_KINDS', 'l2_normalize', 'TAPS',
            'BatchNorm', 'BNTap', 'Conv', 'ResNet', 'VGG', 'WideResNet']
