@@ -191,10 +191,10 @@ class _LegacyUnpickler(_RestrictedUnpickler):
   """The object graph of a legacy file: storages are allocated here (filled later,
   in place) and tensors become `_PendingTensor`s."""
 
-  def __init__(self, f, max_elements: int):
+  def __init__(self, f, file_bytes: int):
     super().__init__(f)
     self.storages: Dict[str, Tuple[np.ndarray, _StorageType]] = {}
-    self._max_elements = max_elements  # no storage can be larger than the file
+    self._budget = file_bytes  # the storages' bytes are in the file: allocate no more
 
   def find_class(self, module: str, name: str):
     if (module, name) in _TENSOR_REBUILDERS or (module, name) in _LEGACY_TENSOR_TYPES:
@@ -206,10 +206,14 @@ class _LegacyUnpickler(_RestrictedUnpickler):
     # (view key, offset, numel) in files from torch <= 0.4 that pickled storage slices.
     if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == 'storage'
             and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)
-            and isinstance(pid[4], int) and 0 <= pid[4] <= self._max_elements):
+            and isinstance(pid[4], int) and pid[4] >= 0):
       raise CheckpointFormatError(f'unsupported legacy persistent id {pid!r}.')
     _, storage_type, key, _, numel, view = pid
     if key not in self.storages:
+      self._budget -= numel * storage_type.dtype.itemsize
+      if self._budget < 0:
+        raise CheckpointFormatError(f'storage {key!r} ({numel} elements) would not fit in the '
+                                    'file: its declared sizes exceed the file size.')
       self.storages[key] = (np.zeros(numel, storage_type.dtype), storage_type)
     root = self.storages[key][0]
     if view is None:
@@ -252,7 +256,7 @@ def _load_legacy(data: bytes) -> Any:
     raise CheckpointFormatError(f'unsupported legacy protocol version {protocol!r}.')
   sys_info = plain()
   little = not isinstance(sys_info, dict) or sys_info.get('little_endian', True)
-  unpickler = _LegacyUnpickler(f, max_elements=len(data))
+  unpickler = _LegacyUnpickler(f, file_bytes=len(data))
   obj = unpickler.load()
   keys = plain()
   if not isinstance(keys, list) or set(keys) != set(unpickler.storages):

@@ -285,6 +285,10 @@ def test_legacy_truncated_and_inconsistent(tmp_path):
   short = _write_legacy(tmp_path / 'short.pth', body, {'0': np.ones(3, np.float32)})
   with pytest.raises(convert.CheckpointFormatError, match='has 3 elements in the file, expected 4'):
     convert.read_pth(short)
+  huge = _write_legacy(tmp_path / 'huge.pth', body.replace(_op_int(4), _op_int(1 << 30), 1),
+                       {'0': np.ones(4, np.float32)})  # declares a 4 GB storage
+  with pytest.raises(convert.CheckpointFormatError, match='exceed the file size'):
+    convert.read_pth(huge)
   for keep in (0.3, 0.7):
     cut.write_bytes(good.read_bytes()[:int(len(good.read_bytes()) * keep)])
     with pytest.raises(convert.CheckpointFormatError, match=str(cut)):
