@@ -1,11 +1,9 @@
 """PyTorch `.pth` checkpoints to Flax variables, without torch and without running code.
 
-A zip-format `torch.save` file holds `<archive>/data.pkl` (the object graph)
-and `<archive>/data/<key>` (raw tensor storages). The reference code's
-checkpoints are plain pickles loaded with full unpickling, so a downloaded
-teacher could run arbitrary code; here the unpickler resolves only an explicit
-allow-list of globals (tensor rebuilders, storage types, OrderedDict, plain
-containers) and builds numpy arrays straight from the storage bytes.
+Files are read by `cmi_jax.pth` (zip and legacy torch.save formats, allow-listed
+unpickling: a checkpoint never runs code); its public names are re-exported here.
+Accepted layouts: the reference's `{'state_dict': ...}`, a `{'model': ...}` dict,
+or a raw state_dict (torchvision's published weights).
 
 The key mapping is a table because the Flax modules in `cmi_jax.models` carry
 the PyTorch submodule names: `a.b.weight` (conv, OIHW) <-> params `a/b/kernel`
@@ -16,19 +14,16 @@ Loading is strict: any missing, unexpected or mis-shaped key is an error.
 
 import collections
 import hashlib
-import io
 import pathlib
-import pickle
-import zipfile
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 from cmi_jax import models
+from cmi_jax.pth import CheckpointFormatError, UnsafeCheckpointError, load_pth_object
 
 StateDict = Dict[str, np.ndarray]
 
@@ -47,179 +42,8 @@ _PARAM_TO_TORCH = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias'}
 _STATS_TO_TORCH = {'mean': 'running_mean', 'var': 'running_var'}
 
 
-class CheckpointFormatError(ValueError):
-  """The file is not a readable zip-format torch checkpoint (legacy, truncated, corrupt)."""
-
-
-class UnsafeCheckpointError(ValueError):
-  """The pickle asks for a global outside the allow-list; nothing was executed."""
-
-
 class CheckpointMismatchError(ValueError):
   """The state_dict does not fit the target architecture (missing/unexpected/shape)."""
-
-
-# ----------------------------------------------------------------------------
-# Restricted unpickling
-# ----------------------------------------------------------------------------
-
-class _StorageType(NamedTuple):
-  """Stand-in for a torch storage class (e.g. torch.FloatStorage): only its dtype."""
-  name: str
-  dtype: np.dtype
-
-
-_STORAGE_DTYPES = {
-    'FloatStorage': np.float32, 'DoubleStorage': np.float64, 'HalfStorage': np.float16,
-    'BFloat16Storage': ml_dtypes.bfloat16, 'LongStorage': np.int64, 'IntStorage': np.int32,
-    'ShortStorage': np.int16, 'CharStorage': np.int8, 'ByteStorage': np.uint8,
-    'BoolStorage': np.bool_, 'UntypedStorage': np.uint8,
-}
-
-
-def _int_tuple(value, what: str) -> Tuple[int, ...]:
-  if not isinstance(value, (tuple, list)) or not all(
-      isinstance(v, int) and not isinstance(v, bool) for v in value):
-    raise CheckpointFormatError(f'tensor {what} must be a tuple of ints, got {value!r}.')
-  return tuple(value)
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False,
-                    backward_hooks=None, metadata=None) -> np.ndarray:
-  """torch._utils._rebuild_tensor_v2: a strided view of a storage, copied out."""
-  del requires_grad, backward_hooks, metadata  # autograd bookkeeping only
-  if not isinstance(storage, np.ndarray) or storage.ndim != 1:
-    raise CheckpointFormatError(f'tensor storage must come from the archive, got {storage!r}.')
-  size, stride = _int_tuple(size, 'size'), _int_tuple(stride, 'stride')
-  offset = _int_tuple((storage_offset,), 'storage_offset')[0]
-  if len(size) != len(stride) or offset < 0 or min(size + stride, default=0) < 0:
-    raise CheckpointFormatError(
-        f'invalid tensor layout: offset={offset}, size={size}, stride={stride}.')
-  if 0 in size:
-    return np.zeros(size, storage.dtype)
-  # as_strided does no bounds checking: refuse any view reaching past the storage.
-  last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-  if last >= storage.size:
-    raise CheckpointFormatError(
-        f'tensor (offset={offset}, size={size}, stride={stride}) reads element {last} of a '
-        f'storage with {storage.size} elements.')
-  view = np.lib.stride_tricks.as_strided(
-      storage[offset:], shape=size, strides=[s * storage.itemsize for s in stride],
-      writeable=False)
-  return np.array(view, copy=True)
-
-
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
-  """torch._utils._rebuild_parameter(_with_state): the Parameter's data."""
-  del requires_grad, backward_hooks, state
-  return data
-
-
-def _latin1_encode(text, encoding='latin1'):
-  """_codecs.encode as protocol-2 pickles use it for bytes; no other codec."""
-  if encoding != 'latin1' or not isinstance(text, str):
-    raise UnsafeCheckpointError(f'_codecs.encode is only allowed with latin1, got {encoding!r}.')
-  return text.encode('latin1')
-
-
-_ALLOWED_GLOBALS: Dict[Tuple[str, str], Any] = {
-    ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor,
-    ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
-    ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter,
-    ('torch', 'Size'): tuple,
-    ('collections', 'OrderedDict'): collections.OrderedDict,
-    ('_codecs', 'encode'): _latin1_encode,
-    **{('builtins', c.__name__): c for c in (dict, list, tuple, set, frozenset, bytearray)},
-    **{(m, name): _StorageType(name, np.dtype(dt)) for name, dt in _STORAGE_DTYPES.items()
-       for m in ('torch', 'torch.storage')},
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-  """Resolves only `_ALLOWED_GLOBALS`; storages are read from the zip archive."""
-
-  def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, byteorder: str):
-    super().__init__(io.BytesIO(data))
-    self._archive, self._prefix, self._byteorder = archive, prefix, byteorder
-    self._storages: Dict[str, np.ndarray] = {}  # tensors that share a storage share bytes
-
-  def find_class(self, module: str, name: str):
-    try:
-      return _ALLOWED_GLOBALS[(module, name)]
-    except KeyError:
-      raise UnsafeCheckpointError(
-          f'refused to load global {module}.{name}: only tensors, storages and plain '
-          'containers are allowed (a checkpoint must never run code). If you trust this '
-          "file, re-save just its weights: torch.save({'state_dict': sd}, path).") from None
-
-  def persistent_load(self, pid):
-    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage'
-            and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)):
-      raise CheckpointFormatError(f'unsupported persistent id {pid!r}.')
-    _, storage_type, key, _, numel = pid
-    if key not in self._storages:
-      name = f'{self._prefix}data/{key}'
-      try:
-        info = self._archive.getinfo(name)
-      except KeyError:
-        raise CheckpointFormatError(f'storage {name!r} is missing from the archive.') from None
-      dtype = storage_type.dtype.newbyteorder('<' if self._byteorder == 'little' else '>')
-      # Checked before reading, so a compressed entry cannot inflate past what is declared.
-      if not isinstance(numel, int) or info.file_size != numel * dtype.itemsize:
-        raise CheckpointFormatError(f'storage {name!r} has {info.file_size} bytes, expected '
-                                    f'{numel!r} x {dtype.itemsize}.')
-      raw = self._archive.read(info)
-      self._storages[key] = np.frombuffer(raw, dtype).astype(storage_type.dtype)
-    return self._storages[key]
-
-
-def _format_hint(path: pathlib.Path, head: bytes) -> str:
-  if head.startswith(b'PK'):
-    return (f'{path} is a truncated or corrupt zip archive; download or save it again.')
-  if head.startswith(b'\x80'):
-    return (f'{path} uses the legacy (pre-1.6, non-zip) torch format, which is not supported; '
-            're-save it with a recent torch: torch.save(torch.load(old), new).')
-  return f'{path} is not a zip-format torch checkpoint (first bytes {head!r}).'
-
-
-def load_pth_object(path) -> Any:
-  """Unpickles a zip-format `.pth` file with the allow-list; tensors become numpy arrays.
-
-  Raises:
-    FileNotFoundError: no file at `path`.
-    CheckpointFormatError: legacy, truncated or corrupt file (message names it).
-    UnsafeCheckpointError: the pickle references a global outside the allow-list.
-  """
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f'No checkpoint file at {path}.')
-  with open(path, 'rb') as f:
-    head = f.read(8)
-  if not zipfile.is_zipfile(path):
-    raise CheckpointFormatError(_format_hint(path, head))
-  try:
-    with zipfile.ZipFile(path) as archive:
-      pickles = [n for n in archive.namelist() if n.endswith('/data.pkl') and n.count('/') == 1]
-      if len(pickles) != 1:
-        raise CheckpointFormatError(
-            f'{path}: expected one <archive>/data.pkl entry, found {pickles}; is this a '
-            'torch.save file?')
-      prefix = pickles[0][:-len('data.pkl')]
-      byteorder = 'little'  # files without the entry predate big-endian support
-      if prefix + 'byteorder' in archive.namelist():
-        byteorder = archive.read(prefix + 'byteorder').decode('ascii').strip()
-      if byteorder not in ('little', 'big'):
-        raise CheckpointFormatError(f'{path}: unknown byteorder {byteorder!r}.')
-      return _RestrictedUnpickler(archive.read(pickles[0]), archive, prefix, byteorder).load()
-  except UnsafeCheckpointError as e:
-    raise UnsafeCheckpointError(f'{path}: {e}') from None
-  except CheckpointFormatError as e:
-    msg = str(e)
-    raise CheckpointFormatError(msg if msg.startswith(str(path)) else f'{path}: {msg}') from None
-  except Exception as e:  # untrusted bytes fail in many ways (zlib, CRC, EOF, pickle)
-    raise CheckpointFormatError(
-        f'{path} is truncated or corrupt ({type(e).__name__}: {e}); download or save it '
-        'again.') from e
 
 
 # ----------------------------------------------------------------------------
@@ -254,7 +78,7 @@ def extract_state_dict(obj: Any, source: str = 'checkpoint') -> StateDict:
 
 
 def read_pth(path) -> StateDict:
-  """Reads the state_dict of a zip-format `.pth` file safely (see `load_pth_object`)."""
+  """Reads the state_dict of a `.pth` file (zip or legacy) safely (see `load_pth_object`)."""
   return extract_state_dict(load_pth_object(path), source=str(path))
 
 
@@ -405,7 +229,8 @@ def load_pth(path, arch: str, num_classes: int,
   """Reads a reference `.pth` classifier into (module, variables), strictly.
 
   Args:
-    path: zip-format torch checkpoint (raw state_dict, or dict with 'state_dict'/'model').
+    path: torch checkpoint, zip or legacy format (raw state_dict, or dict with
+      'state_dict'/'model').
     arch: a `cmi_jax.models.CLASSIFIERS` name, e.g. 'wrn_40_2'.
     num_classes: classifier outputs.
     input_shape: (H, W, C) of one input image.
@@ -434,3 +259,9 @@ def conversion_meta(path, arch: str, num_classes: int,
   return {'arch': arch, 'num_classes': int(num_classes),
           'input_shape': [int(d) for d in input_shape],
           'source': str(path.resolve()), 'source_sha256': file_sha256(path)}
+
+
+__all__ = ['CheckpointFormatError', 'CheckpointMismatchError', 'UnsafeCheckpointError',
+           'abstract_variables', 'conversion_meta', 'extract_state_dict', 'file_sha256',
+           'flax_to_torch', 'load_pth', 'load_pth_object', 'read_pth', 'save_torch_state_dict',
+           'torch_to_flax']

@@ -25,7 +25,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 PARITY_ATOL = 1e-4  # fp32 logits / images, eval-mode BN (train mode for the generator)
 BATCH = 3
 CALIBRATION_BATCH = 8  # random images that set the reference nets' BN running stats
-BN_MOMENTUM = 0.1  # torch default
 MIN_LOGIT_SPREAD = 0.03  # logits must depend on the input for parity to mean anything
 
 # ----------------------------------------------------------------------------
@@ -243,9 +242,10 @@ def test_corrupt_storage_bytes(tmp_path):
 
 
 def test_legacy_and_foreign_files(tmp_path):
+  # A plain pickle is no legacy torch.save stream (those are read: tests/test_zoo.py).
   legacy = tmp_path / 'legacy.pth'
   legacy.write_bytes(pickle.dumps({'state_dict': {}}, protocol=2))
-  with pytest.raises(convert.CheckpointFormatError, match='legacy.*re-save it'):
+  with pytest.raises(convert.CheckpointFormatError, match='legacy magic number missing'):
     convert.read_pth(legacy)
   text = tmp_path / 'notes.pth'
   text.write_text('hello')
@@ -430,36 +430,12 @@ def _reference_nets():
 
 
 def _randomize(torch, net, seed, input_shape=None):
-  """Random weights and BN statistics, so a swapped or mis-laid key cannot hide.
-
-  With input_shape, the running statistics are first measured on a random batch
-  (then jittered): with the default init and unit running stats the logits of a
-  deep net barely depend on the input, and a parity test would prove little.
-  """
-  gen = torch.Generator().manual_seed(seed)
-  bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-  with torch.no_grad():
-    for mod in net.modules():
-      if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
-        fan_in = mod.weight[0].numel()
-        mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
-        if mod.bias is not None:
-          mod.bias.copy_(torch.randn(mod.bias.shape, generator=gen) * 0.1)
-    for mod in bns:
-      mod.weight.copy_(torch.rand(mod.weight.shape, generator=gen) + 0.5)
-      mod.bias.copy_(torch.randn(mod.bias.shape, generator=gen) * 0.1)
-    if input_shape is not None:
-      for mod in bns:
-        mod.reset_running_stats()
-        mod.momentum = None  # cumulative average: the statistics of this one batch
-      h, w, c = input_shape
-      net.train()(torch.randn((CALIBRATION_BATCH, c, h, w), generator=gen))
-    for mod in bns:
-      mod.momentum = BN_MOMENTUM
-      mod.running_mean.add_(torch.randn(mod.running_mean.shape, generator=gen) * 0.1)
-      mod.running_var.mul_(torch.rand(mod.running_var.shape, generator=gen) + 0.5)
-      mod.num_batches_tracked.fill_(seed)
-  return net
+  """Random weights and BN statistics (tests/torch_zoo.py `randomize`): Linear weights
+  with variance 2 / fan_in, the calibration batch of this file, no variance floor."""
+  del torch
+  from tests.torch_zoo import randomize  # pylint: disable=import-outside-toplevel
+  return randomize(net, seed, input_shape, head_gain=2.0, var_floor=0.0,
+                   calibration_batch=CALIBRATION_BATCH)
 
 
 PARITY_CASES = [

@@ -87,7 +87,8 @@ def test_models_any_size_and_class_count():
   logits = module.apply(variables, x)
   assert logits.shape == (2, 7) and logits.dtype == jnp.float32
   assert np.all(np.isfinite(logits))
-  for arch in models.CLASSIFIERS:
+  # The nets of the original seven; the rest of the zoo is traced in tests/test_zoo.py.
+  for arch in ('wrn_16_1', 'wrn_16_2', 'wrn_40_1', 'wrn_40_2', 'resnet18', 'resnet34', 'vgg11'):
     for shape, k in (((2, 28, 28, 1), 7), ((2, 32, 32, 3), 100), ((2, 64, 64, 3), 10)):
       m = models.get(arch, k)
       out = jax.eval_shape(lambda: m.init_with_output(jax.random.key(0), jnp.zeros(shape))[0])

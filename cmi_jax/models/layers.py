@@ -50,23 +50,31 @@ def spatial_mean(x: jax.Array) -> jax.Array:
   return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
-def _xla_conv(x, kernel, stride, padding):
+def _xla_conv(x, kernel, stride, padding, groups=1):
   return lax.conv_general_dilated(
       x, kernel, window_strides=(stride, stride),
       padding=((padding, padding), (padding, padding)),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_explicit_grad(x, kernel, stride, padding):
-  return _xla_conv(x, kernel, stride, padding)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_explicit_grad(x, kernel, stride, padding, groups=1):
+  return _xla_conv(x, kernel, stride, padding, groups)
 
 
-def _conv_fwd(x, kernel, stride, padding):
-  return _xla_conv(x, kernel, stride, padding), (x, kernel)
+def _conv_fwd(x, kernel, stride, padding, groups=1):
+  return _xla_conv(x, kernel, stride, padding, groups), (x, kernel)
 
 
-def _conv_bwd(stride, padding, res, g):
+def _grouped_transpose(kernel: jax.Array, groups: int) -> jax.Array:
+  """HWIO kernel of a grouped conv [kh, kw, Ci/G, Co] -> that of its transpose
+  [kh, kw, Co/G, Ci] (spatially flipped), for the input gradient as a grouped conv."""
+  kh, kw, cig, co = kernel.shape
+  k = jnp.flip(kernel, (0, 1)).reshape(kh, kw, cig, groups, co // groups)
+  return k.transpose(0, 1, 4, 3, 2).reshape(kh, kw, co // groups, groups * cig)
+
+
+def _conv_bwd(stride, padding, groups, res, g):
   """Both gradients as canonical NHWC/HWIO ops that XLA:CPU runs fast everywhere.
 
   XLA's own backward convolutions (swapped dimension numbers) fall to a slow
@@ -78,14 +86,12 @@ def _conv_bwd(stride, padding, res, g):
   gradient is kh*kw shifted matmuls; both run at full speed in and out of loops.
   """
   x, kernel = res
+  if groups > 1:
+    return _grouped_conv_bwd(stride, padding, groups, x, kernel, g)
   kh, kw, ci, co = kernel.shape
   n, ho, wo, _ = g.shape
-  h, w = x.shape[1], x.shape[2]
   k_t = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2).astype(g.dtype)  # HWIO of the transpose
-  pads = []
-  for size, k, o in ((h, kh, ho), (w, kw, wo)):
-    lo = k - 1 - padding
-    pads.append((lo, size + k - 1 - ((o - 1) * stride + 1) - lo))
+  pads = _input_grad_pads(x, kernel, g, stride, padding)
   with jax.named_scope('conv_input_grad'):  # the names let profiles tell the two apart
     dx = lax.conv_general_dilated(g, k_t, (1, 1), pads, lhs_dilation=(stride, stride),
                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
@@ -98,14 +104,50 @@ def _conv_bwd(stride, padding, res, g):
       dk = _filter_grad_shift_g(xp, g, kh, kw)
     else:
       g2 = g.reshape(-1, co)
-      taps = []
-      for i in range(kh):
-        for j in range(kw):
-          sl = lax.slice(xp, (0, i, j, 0),
-                         (n, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, ci),
-                         (1, stride, stride, 1))
-          taps.append(jnp.dot(sl.reshape(-1, ci).T, g2, preferred_element_type=jnp.float32))
+      taps = [jnp.dot(sl.reshape(-1, ci).T, g2, preferred_element_type=jnp.float32)
+              for sl in _windows(xp, kh, kw, ho, wo, stride)]
       dk = jnp.stack(taps).reshape(kh, kw, ci, co)
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+def _windows(xp, kh, kw, ho, wo, stride):
+  """The kh*kw strided [N, ho, wo, C] views of the padded input, one per kernel tap."""
+  n, c = xp.shape[0], xp.shape[-1]
+  return [lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
+                    (1, stride, stride, 1)) for i in range(kh) for j in range(kw)]
+
+
+def _input_grad_pads(x, kernel, g, stride, padding):
+  """Padding of the (stride-dilated) g that makes the input gradient a forward conv."""
+  pads = []
+  for size, k, o in ((x.shape[1], kernel.shape[0], g.shape[1]),
+                     (x.shape[2], kernel.shape[1], g.shape[2])):
+    lo = k - 1 - padding
+    pads.append((lo, size + k - 1 - ((o - 1) * stride + 1) - lo))
+  return pads
+
+
+def _grouped_conv_bwd(stride, padding, groups, x, kernel, g):
+  """_conv_bwd for feature_group_count > 1 (depthwise and grouped convs), the same way:
+  the input gradient is a grouped forward conv of g with the transposed kernel; the
+  filter gradient is kh*kw shifted products summed per group (for a depthwise conv
+  an elementwise product and a sum, no matmul at all)."""
+  kh, kw, cig, co = kernel.shape
+  ho, wo = g.shape[1], g.shape[2]
+  cog = co // groups
+  with jax.named_scope('conv_input_grad'):
+    dx = lax.conv_general_dilated(g, _grouped_transpose(kernel, groups).astype(g.dtype), (1, 1),
+                                  _input_grad_pads(x, kernel, g, stride, padding),
+                                  lhs_dilation=(stride, stride),
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                  feature_group_count=groups)
+  with jax.named_scope('conv_filter_grad'):
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    g3 = g.reshape(-1, groups, cog)
+    taps = [jnp.einsum('mgi,mgo->igo', sl.reshape(-1, groups, cig), g3,
+                       preferred_element_type=jnp.float32)
+            for sl in _windows(xp, kh, kw, ho, wo, stride)]
+    dk = jnp.stack(taps).reshape(kh, kw, cig, co)
   return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
@@ -129,8 +171,11 @@ _conv_explicit_grad.defvjp(_conv_fwd, _conv_bwd)
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int,
-           impl: str = 'auto') -> jax.Array:
+           impl: str = 'auto', groups: int = 1) -> jax.Array:
   """NHWC x HWIO convolution with symmetric explicit padding (PyTorch semantics).
+
+  groups: PyTorch's `groups` (XLA's feature_group_count); kernel [kh, kw, C_in/groups,
+  C_out]; groups == C_in is a depthwise conv.
 
   impl: 'xla' (XLA's own gradients), 'explicit_grad' (same forward; gradients
   as canonical forward convs and matmuls, see _conv_bwd), or 'auto' =
@@ -139,8 +184,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int,
   'xla' on GPU/TPU.
   """
   if _resolve_impl(impl) == 'xla':
-    return _xla_conv(x, kernel, stride, padding)
-  return _conv_explicit_grad(x, kernel, stride, padding)
+    return _xla_conv(x, kernel, stride, padding, groups)
+  return _conv_explicit_grad(x, kernel, stride, padding, groups)
 
 
 def _resolve_impl(impl: str) -> str:
@@ -209,20 +254,25 @@ class Conv(nn.Module):
   bias_init: Initializer = nn.initializers.zeros
   impl: str = 'auto'  # see conv2d
   upsample: bool = False  # nearest x2 upsampling of the input first (3x3, stride 1, pad 1)
+  groups: int = 1  # PyTorch `groups`; = input channels for a depthwise conv
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     k = self.kernel_size
-    kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features),
-                        jnp.float32)
+    if x.shape[-1] % self.groups or self.features % self.groups:
+      raise ValueError(f'Conv groups={self.groups} must divide the input ({x.shape[-1]}) and '
+                       f'output ({self.features}) channels.')
+    kernel = self.param('kernel', self.kernel_init,
+                        (k, k, x.shape[-1] // self.groups, self.features), jnp.float32)
     dtype = self.dtype or x.dtype
     if self.upsample:
-      if (k, self.stride, self.padding) != (3, 1, 1):
+      if (k, self.stride, self.padding, self.groups) != (3, 1, 1, 1):
         raise ValueError('Conv(upsample=True) is a 3x3 conv with stride 1 and padding 1, got '
                          f'kernel_size={k}, stride={self.stride}, padding={self.padding}.')
       y = upsample2_conv3x3(x.astype(dtype), kernel.astype(dtype), self.impl)
     else:
-      y = conv2d(x.astype(dtype), kernel.astype(dtype), self.stride, self.padding, self.impl)
+      y = conv2d(x.astype(dtype), kernel.astype(dtype), self.stride, self.padding, self.impl,
+                 self.groups)
     if self.use_bias:
       bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
       y = y + bias.astype(dtype)
@@ -303,3 +353,19 @@ class BlockStack(nn.Module):
 def global_avg_pool(x: jax.Array) -> jax.Array:
   """[N, H, W, C] -> [N, C] (AdaptiveAvgPool2d(1) + flatten)."""
   return jnp.mean(x, axis=(1, 2))
+
+
+def fixed_avg_pool(x: jax.Array, window: int, arch: str, input_hw, size: int = 32) -> jax.Array:
+  """AvgPool2d(window) + flatten for nets whose head expects exactly one window.
+
+  The reference nets that pool with a fixed window (RepDistiller's resnet8..110 and
+  shufflenetv2) only work at the input size they were built for: elsewhere the
+  head's input has the wrong width (a shape error in PyTorch). Here that is a
+  clear error naming the size that works.
+  """
+  if x.shape[1:3] != (window, window):
+    h, w = input_hw
+    raise ValueError(f'{arch} works at {size}x{size} inputs only: its AvgPool2d({window}) head '
+                     f'needs a {window}x{window} final feature map, but a {h}x{w} input gives '
+                     f'{x.shape[1]}x{x.shape[2]}. Resize the images to {size}x{size}.')
+  return global_avg_pool(x)

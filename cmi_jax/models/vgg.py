@@ -1,4 +1,4 @@
-"""VGG-11 with BatchNorm, the reference (CRD-style) layout.
+"""VGG-8/11/13 with BatchNorm, the reference (CRD-style) layout (DF:vgg.py cfgs S, A, B).
 
 Keys: `block0.{0,1}`, `block1.{0,1}`, `block{2,3,4}.{0,1,3,4}` (conv, bn, [relu], conv, bn),
 `classifier`. Max-pool after block0..block2, after block3 only for 64x64 inputs.
@@ -12,6 +12,8 @@ import jax.numpy as jnp
 from cmi_jax.models.layers import TAPS, BatchNorm, Conv, global_avg_pool, torch_default_init
 
 VGG11_BLOCKS = ((64,), (128,), (256, 256), (512, 512), (512, 512))
+VGG8_BLOCKS = ((64,), (128,), (256,), (512,), (512,))
+VGG13_BLOCKS = ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512))
 
 
 class _VGGBlock(nn.Module):
