@@ -168,6 +168,13 @@ def torch_to_flax(state_dict: Mapping[str, Any], module: nn.Module, input_shape:
     CheckpointMismatchError: naming the first bad key, shapes and architecture.
   """
   arch = arch_name or type(module).__name__
+  if isinstance(module, models.NLGenerator):
+    raise CheckpointMismatchError(
+        "NAYER's NLGenerator is not converted: its noisy layers (one Linear per chunk of C "
+        'samples, stacked here into one kernel) depend on the batch size and are re-drawn '
+        'N(0, 1) at every loop, and the whole generator is replaced every g_life epochs, so '
+        'a trained NLGenerator state_dict holds nothing a later run keeps. Start NAYER from '
+        "a fresh generator (synthesis.algorithm='nayer' does); teachers and students convert.")
   state_dict = extract_state_dict(dict(state_dict), source=arch)
   table = _key_table(abstract_variables(module, input_shape))
   error = _describe_mismatch(state_dict, table, arch)

@@ -554,3 +554,11 @@ def test_generator_parity_train_mode(tmp_path, large):
   for key, value in net.state_dict().items():
     if 'running' in key:
       np.testing.assert_allclose(updated[key], value.numpy(), atol=PARITY_ATOL, err_msg=key)
+
+
+def test_nlgenerator_is_refused_with_the_reason():
+  """NAYER's generator (batch-size-dependent noisy layers, re-drawn every loop) is not
+  converted: one clear error saying why and what to do instead."""
+  gen = models.NLGenerator(batch_size=20, chunk=10, le_emb_size=8, ngf=4, img_size=8, nc=1)
+  with pytest.raises(convert.CheckpointMismatchError, match='NLGenerator is not converted'):
+    convert.torch_to_flax({'l1.0.weight': np.zeros((8, 8), np.float32)}, gen, (8,))
