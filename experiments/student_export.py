@@ -124,13 +124,14 @@ def _eval_forward(student: RunStudent):
   return lambda x: student.module.apply(student.variables, x, train=False)
 
 
-def _write_pth(student: RunStudent, path: str) -> None:
+def write_pth(student: RunStudent, path: str) -> None:
   """{'state_dict': ...} in the reference's keys and layouts (convert.flax_to_torch)."""
   convert.save_torch_state_dict(student.variables, path)
 
 
-def _write_onnx(student: RunStudent, path: str) -> None:
-  """The eval forward traced by jax2onnx, NCHW input, dynamic batch axis.
+def write_onnx(student: RunStudent, path: str) -> None:
+  """The eval forward traced by jax2onnx, NCHW input, dynamic batch axis (the card
+  needs 'arch' and 'input_shape' [C, H, W] only).
 
   On the CPU backend the convolutions carry a custom VJP (cmi_jax/models/layers.py:
   explicit gradients); jax2onnx converts the forward inside it, which is all an
@@ -152,7 +153,7 @@ def _write_onnx(student: RunStudent, path: str) -> None:
     f.write(proto.SerializeToString())
 
 
-_WRITERS = {'pth': _write_pth, 'onnx': _write_onnx}
+_WRITERS = {'pth': write_pth, 'onnx': write_onnx}
 
 
 def export_student(workdir: str, fmt: str, out: str, which: str = 'final',
