@@ -1,6 +1,6 @@
 """`experiments.export` (issue 20 item 6): a run's student as a reference-layout
-.pth (loaded strictly into the PyTorch twin of the reference class) and as ONNX
-(run by onnxruntime), both against JAX's eval-mode logits; the card beside the
+.pth (loaded strictly into the PyTorch twin of the reference class; marked
+`torch`) and as ONNX (run by onnxruntime; marked `onnx`), both against JAX's eval-mode logits; the card beside the
 file; and the bad inputs that must end in one `error:` line with exit status 2.
 
 One tiny run (Fashion-MNIST 28x28x1, the random teacher, 1 round of 2 generator
@@ -102,7 +102,7 @@ def test_pth_loads_into_reference_class(run_dir, jax_student, tmp_path):
   _check_logits('pth', got, logits_fn(x))
 
 
-@pytest.mark.torch
+@pytest.mark.onnx
 def test_onnx_runs_in_onnxruntime(run_dir, jax_student, tmp_path):
   ort = pytest.importorskip('onnxruntime')
   pytest.importorskip('jax2onnx')
@@ -121,6 +121,7 @@ def test_onnx_runs_in_onnxruntime(run_dir, jax_student, tmp_path):
 
 
 @pytest.mark.torch
+@pytest.mark.onnx
 @pytest.mark.parametrize('arch', ['resnet18', 'vgg11'])
 def test_other_families(tmp_path, arch):
   """The writers on the two families a tiny run does not train (random weights,
@@ -156,6 +157,7 @@ def _bad_inputs(run, tmp_path):
   no_ckpt.mkdir()
   shutil.copy(os.path.join(run, 'config.json'), no_ckpt / 'config.json')
   (no_ckpt / 'checkpoints').mkdir()
+  (tmp_path / 'taken.pth').write_bytes(b'keep')
   return {
       'no run': (str(tmp_path / 'nosuch'), 'pth', str(tmp_path / 'a.pth')),
       'not a run': (str(tmp_path), 'pth', str(tmp_path / 'b.pth')),
@@ -163,12 +165,14 @@ def _bad_inputs(run, tmp_path):
       'unknown format': (run, 'tflite', str(tmp_path / 'd.tflite')),
       'out folder missing': (run, 'pth', str(tmp_path / 'nodir' / 'e.pth')),
       'out is a folder': (run, 'pth', str(tmp_path)),
+      'out exists': (run, 'pth', str(tmp_path / 'taken.pth')),
   }
 
 
 _MESSAGES = {'no run': 'no such folder', 'not a run': 'no config.json',
              'no checkpoint': 'no checkpoint yet', 'unknown format': "'tflite' is unknown",
-             'out folder missing': 'does not exist', 'out is a folder': 'is a folder'}
+             'out folder missing': 'does not exist', 'out is a folder': 'is a folder',
+             'out exists': 'pass --overwrite'}
 
 
 @pytest.mark.parametrize('case', sorted(_MESSAGES))
@@ -177,6 +181,8 @@ def test_bad_input_raises(run_dir, tmp_path, case):
   with pytest.raises(UserError, match=_MESSAGES[case]):
     student_export.export_student(workdir, fmt, out)
   assert not os.path.exists(out + '.json') or os.path.isdir(out)
+  if case == 'out exists':
+    assert (tmp_path / 'taken.pth').read_bytes() == b'keep'
 
 
 def test_write_failure_keeps_no_partial_file(run_dir, tmp_path, monkeypatch):
