@@ -1,10 +1,12 @@
 """`experiments.export` (issue 20 item 6): a run's student as a reference-layout
 .pth (loaded strictly into the PyTorch twin of the reference class; marked
-`torch`) and as ONNX (run by onnxruntime; marked `onnx`), both against JAX's eval-mode logits; the card beside the
-file; and the bad inputs that must end in one `error:` line with exit status 2.
+`torch`) and as ONNX (run by onnxruntime; marked `onnx`), both against JAX's
+eval-mode logits; the card beside the file; and the bad inputs that must end in
+one `error:` line with exit status 2.
 
 One tiny run (Fashion-MNIST 28x28x1, the random teacher, 1 round of 2 generator
-and 2 KD steps) serves the module.
+and 2 KD steps, 4 fake devices) serves the module: ~1.5 min on a busy 2-core CPU,
+~2.5 min for the file.
 """
 
 import functools
@@ -33,11 +35,12 @@ BATCH = 3
 
 @pytest.fixture(scope='module')
 def run_dir(tmp_path_factory):
-  """A finished one-round run (checkpoint, config.json, summary.json)."""
+  """A finished one-round run (checkpoint, config.json, summary.json) on all 4 fake
+  devices, so the exporter reads back arrays that were saved from a mesh."""
   workdir = str(tmp_path_factory.mktemp('export_run') / 'run')
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(runner.summary, 'plots', lambda *args: None)  # matplotlib: ~1 s a plot
-    summary = runner.run(tiny_config(epochs=1, rounds_per_epoch=1, num_devices=1), workdir)
+    summary = runner.run(tiny_config(epochs=1, rounds_per_epoch=1), workdir)
   return workdir, summary
 
 
@@ -194,6 +197,13 @@ def test_write_failure_keeps_no_partial_file(run_dir, tmp_path, monkeypatch):
   out = tmp_path / 's.pth'
   with pytest.raises(UserError, match='Cannot write.*No space left'):
     student_export.export_student(run_dir[0], 'pth', str(out))
+  assert os.listdir(tmp_path) == []
+
+
+def test_missing_extra_names_the_install(run_dir, tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, 'jax2onnx', None)  # import jax2onnx -> ImportError
+  with pytest.raises(UserError, match=r'needs jax2onnx: pip install .*--no-deps jax2onnx'):
+    student_export.export_student(run_dir[0], 'onnx', str(tmp_path / 's.onnx'))
   assert os.listdir(tmp_path) == []
 
 
