@@ -87,7 +87,8 @@ def load_run_student(workdir: str, which: str = 'final') -> RunStudent:
   arch = cfg['student']['arch']
   module = models.get(arch, info.num_classes)  # float32, whatever the run computed in
   variables = jax.tree_util.tree_map(np.asarray, part['student'])
-  accs = [h['student_accuracy'] for h in meta.get('history', []) if 'student_accuracy' in h]
+  evals = [h for h in meta.get('history', []) if 'student_accuracy' in h]
+  accs = [h['student_accuracy'] for h in evals]
   h, w, c = info.image_shape
   card = {
       'arch': arch, 'num_classes': info.num_classes, 'dataset': info.name,
@@ -97,6 +98,7 @@ def load_run_student(workdir: str, which: str = 'final') -> RunStudent:
       'output': f'logits [N, {info.num_classes}] (eval mode: BN running statistics)',
       'which': which, 'checkpoint_step': int(step), 'round': int(meta.get('round', step)),
       'student_accuracy': accs[-1] if accs else None,   # % top-1 on the run's test split
+      'accuracy_round': evals[-1]['round'] if evals else None,  # < round: stopped mid-epoch
       'best_student_accuracy': max(accs) if accs else None,
       'teacher': cfg.get('teacher', {}).get('arch'), 'teacher_accuracy':
       meta.get('teacher_accuracy'), 'method': cfg.get('method'), 'workdir': workdir,

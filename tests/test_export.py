@@ -86,8 +86,8 @@ def test_card(run_dir, tmp_path, monkeypatch):
   assert card['mean'] == list(info.mean) and card['std'] == list(info.std)
   assert card['student_accuracy'] == summary['student_accuracy']
   assert card['best_student_accuracy'] == summary['best_student_accuracy']
-  assert (card['which'], card['round'], card['format'], card['file']) == (
-      'final', 1, 'pth', 'student.pth')
+  assert (card['which'], card['round'], card['accuracy_round'], card['format'],
+          card['file']) == ('final', 1, 1, 'pth', 'student.pth')
 
 
 @pytest.mark.torch
