@@ -29,7 +29,7 @@ intact and resumable.
 
 import os
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -187,3 +187,56 @@ class Checkpointer:
 def abstract(tree: Any) -> Any:
   """ShapeDtypeStruct tree (with shardings) to restore into."""
   return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def read_part(directory: str, select: Callable[[Any], Any], step: Optional[int] = None
+              ) -> Tuple[Any, Dict[str, Any], int]:
+  """Reads part of a saved state onto this process's first device, without the
+  rest of it and without an abstract target from the code that saved it (e.g.
+  the student of a run for export: experiments/student_export.py).
+
+  Args:
+    directory: a Checkpointer's folder (a run's `<workdir>/checkpoints`).
+    select: maps the saved state's metadata tree (nested dicts of array
+      metadata) to the sub-tree to read, e.g.
+      `lambda t: {'student': {'params': t['student']['params']}}`.
+    step: the checkpoint to read; default the newest.
+
+  Returns:
+    (the selected tree of arrays, the checkpoint's meta dict, its step).
+
+  Raises:
+    CheckpointError: no checkpoint in `directory`, or it cannot be read.
+  """
+  directory = os.path.abspath(directory)
+  if not os.path.isdir(directory):  # a manager would create the folder
+    raise CheckpointError(f'No checkpoint folder {directory}.')
+  mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      create=False), item_handlers={
+      'state': ocp.PyTreeCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()})
+  try:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f'No checkpoint in {directory}: the run saved none yet (it saves '
+                            'at round boundaries; see log.checkpoint_every_rounds).')
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    try:
+      part = select(mngr.item_metadata(step)['state'])
+      target = jax.tree_util.tree_map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), part)
+      restore_args = jax.tree_util.tree_map(lambda _: ocp.ArrayRestoreArgs(sharding=device),
+                                            part)
+      out = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                       partial_restore=True),
+          meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except  (damaged files fail in many ways)
+      raise CheckpointError(f'Cannot read checkpoint {os.path.join(directory, str(step))} '
+                            f'({_brief(e)}).') from e
+  finally:
+    mngr.close()
+  # A selected path the checkpoint lacks comes back as its unfilled target.
+  if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(out['state'])):
+    raise CheckpointError(f'Checkpoint {os.path.join(directory, str(step))} lacks part of the '
+                          'selected state.')
+  return out['state'], out['meta'], step

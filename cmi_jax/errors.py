@@ -83,3 +83,7 @@ class TeacherNotFoundError(UserError, FileNotFoundError):
 class CheckpointError(UserError, OSError):
   """No usable checkpoint to resume from, or a checkpoint could not be written
   (disk full, permissions); the message names the folder and what to do."""
+
+
+class OutputError(UserError, OSError):
+  """An output file cannot be written (missing or read-only folder, exists already)."""

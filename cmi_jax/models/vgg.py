@@ -34,7 +34,8 @@ class _VGGBlock(nn.Module):
 
 
 def _max_pool(x):
-  return nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
+  # window_shape by keyword: jax2onnx's stand-in for nn.max_pool takes it no other way.
+  return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding='VALID')
 
 
 class VGG(nn.Module):
