@@ -89,8 +89,9 @@ def test_nayer_tiny_imagenet_scripts(epochs, images):
   assert (k.batch_size, k.lr, k.lr_min, k.kd_steps, k.ep_steps) == (256, 0.1, 2e-4, 1000, 1000)
   assert (k.pre_rounds, k.pre_loops, k.epochs, k.temperature) == (20, 20, epochs, 20.0)
   assert s.pool_size == 20 * 20 * 200 + epochs * 4 * 200 == images
-  # One noisy layer: the batch is one chunk of the 200 classes.
-  assert _synth(cfg).batch_size % 200 == 0
+  synth = _synth(cfg)
+  assert (synth.algorithm, synth.adv_start_round, synth.warmup_rounds) == ('nayer', 20, 20)
+  assert synth.batch_size == synth.num_classes == 200  # one noisy layer
 
 
 def test_generator_at_64():
