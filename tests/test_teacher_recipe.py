@@ -14,6 +14,7 @@ from cmi_jax import data, teacher_io
 from cmi_jax.state import multistep_per_epoch
 from configs import teacher, teacher_fashion_mnist
 from experiments import train_teacher
+from tests.helpers import train_interrupted_then_resumed
 from tests.test_configs import _write_cifar
 from tests.test_data_loaders import _write_tiny
 
@@ -85,10 +86,6 @@ def _rows(workdir):
     return [json.loads(line) for line in f]
 
 
-class _Interrupt(Exception):
-  pass
-
-
 @pytest.fixture(scope='module')
 def cifar_runs(tmp_path_factory):
   """cifar10,wrn_16_1,quick on 60 fake training images: batch 20 = 3 steps per epoch,
@@ -100,18 +97,7 @@ def cifar_runs(tmp_path_factory):
   cfg.train.batch_size, cfg.train.eval_batch_size = 20, 12
   cfg.log.every_steps, cfg.log.checkpoint_every_steps = 1, 4
   summary = train_teacher.train(cfg, str(root / 'full'))
-  original = train_teacher.MetricWriter.write_scalars
-
-  def crash_at_5(self, step, scalars):
-    if step == 5:
-      raise _Interrupt()
-    return original(self, step, scalars)
-
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(train_teacher.MetricWriter, 'write_scalars', crash_at_5)
-    with pytest.raises(_Interrupt):
-      train_teacher.train(cfg, str(root / 'resumed'))
-  resumed = train_teacher.train(cfg, str(root / 'resumed'))
+  resumed = train_interrupted_then_resumed(cfg, root / 'resumed', 5)
   return root, batches, summary, resumed
 
 
