@@ -48,7 +48,8 @@ def get_config(arg=None):
   arch = a['arch'] or DEFAULT_ARCH.get(a['dataset'], '')
   if not arch:
     raise ValueError(f'configs/teacher.py:{a["dataset"]} needs an architecture: '
-                     f'configs/teacher.py:{a["dataset"]},<arch>, one of {sorted(models.CLASSIFIERS)}.')
+                     f'configs/teacher.py:{a["dataset"]},<arch>, one of '
+                     f'{sorted(models.CLASSIFIERS)}.')
   check_choice('arch', arch, models.CLASSIFIERS)
   from cmi_jax import data  # pylint: disable=g-import-not-at-top
   size = 32 if a['dataset'] == 'mnist' else data.DATASETS[a['dataset']].image_shape[0]

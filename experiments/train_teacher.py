@@ -2,6 +2,11 @@
 
   python -m experiments.train_teacher --config=configs/teacher_fashion_mnist.py \
       --workdir=runs/teacher_wrn_16_2
+  python -m experiments.train_teacher --config=configs/teacher.py:cifar10,wrn_40_2 \
+      --config.data.dir=data/cifar10 --workdir=runs/teacher_cifar10_wrn_40_2
+
+configs/teacher.py is the reference's recipe for every dataset (multistep lr);
+configs/teacher_fashion_mnist.py the shipped teacher's (cosine).
 
 Evaluates on the test split every epoch, logs to <workdir>/metrics.jsonl,
 checkpoints the full train state (orbax) every `log.checkpoint_every_steps`

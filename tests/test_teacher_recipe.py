@@ -12,7 +12,7 @@ import pytest
 
 from cmi_jax import data, teacher_io
 from cmi_jax.state import multistep_per_epoch
-from configs import teacher, teacher_fashion_mnist
+from configs import common, teacher, teacher_fashion_mnist
 from experiments import train_teacher
 from tests.helpers import train_interrupted_then_resumed
 from tests.test_configs import _write_cifar
@@ -49,6 +49,15 @@ def test_recipe_for_every_dataset(dataset):
   assert teacher.get_config(f'{dataset},{arch},epochs=7').train.epochs == 7
   quick = teacher.get_config(f'{dataset},{arch},quick').train
   assert (quick.epochs, tuple(quick.milestones), quick.batch_size) == (3, (1, 2), 64)
+
+
+def test_parse_arg_fills_positional_keys_in_order():
+  kw = dict(_positional=('dataset', 'arch'), dataset='', arch='', quick=False, epochs=200)
+  assert common.parse_arg('cifar10,resnet34,quick,epochs=3', **kw) == \
+      {'dataset': 'cifar10', 'arch': 'resnet34', 'quick': True, 'epochs': 3}
+  assert common.parse_arg('svhn', **kw)['arch'] == ''
+  with pytest.raises(ValueError, match="Unknown config argument 'extra'"):
+    common.parse_arg('cifar10,resnet34,extra', **kw)
 
 
 def test_default_arch_and_bad_input():

@@ -52,12 +52,15 @@ def test_every_preset_builds_at_64(method):
 def test_cmi_row_keeps_the_cifar_recipe():
   """Nothing is published for this row: cmi_jax's choice is the CIFAR CMI recipe, so
   the config differs from CIFAR-10's resnet34 row in the data section and teacher path only."""
-  tiny, c10 = tiny_imagenet.get_config().to_dict(), cifar10.get_config('resnet34-resnet18').to_dict()
+  tiny = tiny_imagenet.get_config().to_dict()
+  c10 = cifar10.get_config('resnet34-resnet18').to_dict()
   assert {k for k in tiny if tiny[k] != c10[k]} == {'data', 'teacher'}
   assert tiny['teacher']['arch'] == c10['teacher']['arch'] == 'resnet34'
   w = tiny['synthesis']['weights']
   assert (w['bn'], w['oh'], w['adv'], w['cr']) == (1.0, 1.0, 0.5, 0.8)
-  assert (tiny['synthesis']['g_steps'], tiny['kd']['kd_steps'], tiny['kd']['epochs']) == (200, 400, 200)
+  s, k = tiny['synthesis'], tiny['kd']
+  assert (s['g_steps'], s['batch_size'], k['kd_steps'], k['batch_size'], k['epochs']) == \
+      (200, 256, 400, 128, 200)
   assert tiny['synthesis']['pool_size'] == 200 * 256  # every synthesized image kept
 
 
