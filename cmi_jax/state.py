@@ -54,6 +54,25 @@ def cosine_per_epoch(base_lr: float, epochs: int, steps_per_epoch: int,
   return schedule
 
 
+def multistep_per_epoch(base_lr: float, milestones: Sequence[int], gamma: float,
+                        steps_per_epoch: int) -> optax.Schedule:
+  """Step decay once per epoch (the reference's MultiStepLR(milestones, gamma), stepped at
+  each epoch end; DF:train_scratch.py:198-199).
+
+  lr(step) = base_lr * gamma ** (number of milestones m <= epoch), epoch = step // steps_per_epoch.
+  """
+  import jax.numpy as jnp
+  steps_per_epoch = max(int(steps_per_epoch), 1)
+  # No milestones: one bound no run reaches, so the lr stays base_lr.
+  bounds = jnp.asarray(sorted(int(m) for m in milestones) or [2 ** 30], jnp.int32)
+
+  def schedule(step):
+    epoch = jnp.asarray(step) // steps_per_epoch
+    passed = jnp.sum(epoch >= bounds)
+    return base_lr * jnp.power(gamma, passed.astype(jnp.float32))
+  return schedule
+
+
 def create_classifier_state(module: nn.Module, rng: jax.Array, input_shape: Sequence[int],
                             tx: optax.GradientTransformation,
                             variables: Optional[Any] = None) -> ClassifierState:

@@ -7,17 +7,21 @@ def parse_arg(arg: Optional[str], **defaults) -> Dict:
   """Parses the config's colon argument, e.g. 'wrn_16_1,quick' or 'arch=wrn_16_1,epochs=3'.
 
   `k=v` pairs set values (typed after the default); a bare word that names a
-  boolean default sets it True; the first other bare word fills the key named
-  by `_positional` (e.g. the architecture or the paper row).
+  boolean default sets it True; another bare word at place i fills the i-th key
+  named by `_positional` (a key, e.g. the architecture or the paper row, or a
+  tuple of keys: 'cifar10,resnet34' for ('dataset', 'arch')).
   """
   out = dict(defaults)
+  positional = defaults.get('_positional', ())
+  positional = (positional,) if isinstance(positional, str) else tuple(positional)
   if not arg:
+    out.pop('_positional', None)
     return out
   for i, part in enumerate(p for p in arg.split(',') if p):
     if '=' in part:
       k, v = part.split('=', 1)
-    elif part not in out and i == 0 and '_positional' in defaults:
-      k, v = defaults['_positional'], part
+    elif part not in out and i < len(positional):
+      k, v = positional[i], part
     else:
       k, v = part, 'True'
     if k not in out:
@@ -121,13 +125,28 @@ FAST_ROW_WEIGHTS = {
 }
 
 
-def make_dataset_config(dataset: str, arg=None):
-  """CIFAR-10/100 config for one paper row, preset and optional quick variant."""
-  a = parse_arg(arg, _positional='row', row='wrn40_2-wrn16_1', method='cmi', quick=False,
+# NAYER's per-dataset settings (successor-methods.md section 2, zoo-and-datasets.md
+# section 4: `scripts/nayer_*.sh`), over the preset (CIFAR-10's). Tiny-ImageNet: synthesis
+# batch 200 (one noisy layer of 200 classes), 60 steps per loop, 4 loops per epoch, 20
+# loops per warm-up epoch, KD batch 256 at lr 0.1, 1000 KD steps per epoch.
+NAYER_DATASET = {
+    'cifar10': {'synthesis': {'g_steps': 30}},
+    'cifar100': {'synthesis': {'g_steps': 40}},
+    'tiny_imagenet': {'synthesis': {'batch_size': 200, 'g_steps': 60, 'g_loops': 4},
+                      'kd': {'batch_size': 256, 'lr': 0.1, 'kd_steps': 1000, 'ep_steps': 1000,
+                             'pre_loops': 20}},
+}
+
+
+def make_dataset_config(dataset: str, arg=None, rows=None, default_row='wrn40_2-wrn16_1'):
+  """A dataset's config for one paper row (`rows`: name -> (teacher, student), default
+  PAPER_ROWS), preset and optional quick variant."""
+  rows = PAPER_ROWS if rows is None else rows
+  a = parse_arg(arg, _positional='row', row=default_row, method='cmi', quick=False,
                 epochs=0)  # epochs: KD epochs, 0 = the method's (NAYER_100/200/300: 100/200/300)
-  if a['row'] not in PAPER_ROWS:
-    raise ValueError(f'Unknown row {a["row"]!r}; choose one of {sorted(PAPER_ROWS)}.')
-  teacher, student = PAPER_ROWS[a['row']]
+  if a['row'] not in rows:
+    raise ValueError(f'Unknown row {a["row"]!r}; choose one of {sorted(rows)}.')
+  teacher, student = rows[a['row']]
   c = base_config(dataset, a['method'])
   c.teacher.arch, c.student.arch = teacher, student
   # The reference repo's layout for its pretrained teachers.
@@ -138,8 +157,9 @@ def make_dataset_config(dataset: str, arg=None):
     c.kd.pre_adv, c.kd.pre_oh = FAST_ROW_WEIGHTS[a['row']]
   if a['epochs']:
     c.kd.epochs = a['epochs']
-  if c.synthesis.algorithm == 'nayer':  # one setting for all five rows (`scripts/nayer_*.sh`)
-    c.synthesis.g_steps = 40 if dataset == 'cifar100' else 30
+  if c.synthesis.algorithm == 'nayer':  # one setting for all of a dataset's rows
+    for sec, values in NAYER_DATASET.get(dataset, {}).items():
+      c[sec].update(values)
     c.synthesis.pool_size = keep_all_pool_size(c)
   if a['quick']:
     apply_quick(c)

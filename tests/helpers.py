@@ -79,3 +79,26 @@ def teacher_student(num_classes, shape, dtype=None):
   noise = models.init(module, jax.random.key(1), (2,) + tuple(shape))['params']
   params = jax.tree_util.tree_map(lambda a, e: a + 0.3 * e * jnp.std(a), t_vars['params'], noise)
   return teacher, Teacher(module, {'params': params, 'batch_stats': stats})
+
+
+class Interrupt(Exception):
+  """Stands for a kill in the resume tests."""
+
+
+def train_interrupted_then_resumed(cfg, workdir, crash_step):
+  """experiments.train_teacher.train killed when it logs step `crash_step`, then the
+  same call again (it resumes); returns the resumed run's summary."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  from experiments import train_teacher  # pylint: disable=g-import-not-at-top
+  original = train_teacher.MetricWriter.write_scalars
+
+  def crash(self, step, scalars):
+    if step == crash_step:
+      raise Interrupt()
+    return original(self, step, scalars)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(train_teacher.MetricWriter, 'write_scalars', crash)
+    with pytest.raises(Interrupt):
+      train_teacher.train(cfg, str(workdir))
+  return train_teacher.train(cfg, str(workdir))

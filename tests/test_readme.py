@@ -39,3 +39,16 @@ def test_library_example_runs(monkeypatch):
   assert out.images.shape == (32, 28, 28, 1) and out.images.dtype == np.uint8
   assert int(more.state.pool.count) == 48 and int(more.state.round) == 3
   assert deepinv.images.shape[0] == 16 and 'l_tv' in deepinv.metrics[0]
+
+
+def test_readme_config_arguments_build():
+  """Every `--config=configs/<file>.py[:arg]` in the README's commands builds."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  found = set()
+  for block in _blocks('bash'):
+    found.update(re.findall(r'--config=configs/(\w+)\.py(?::(\S+))?', block))
+  assert ('tiny_imagenet', 'resnet34-resnet18') in found
+  assert ('teacher', 'tiny_imagenet,resnet34') in found
+  for name, arg in sorted(found):
+    cfg = importlib.import_module(f'configs.{name}').get_config(arg or None)
+    assert cfg.seed == 0, (name, arg)

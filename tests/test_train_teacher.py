@@ -18,6 +18,7 @@ from cmi_jax.models import layers
 from cmi_jax.state import create_classifier_state
 from configs import teacher_fashion_mnist
 from experiments import train_teacher
+from tests.helpers import train_interrupted_then_resumed
 
 pytestmark = pytest.mark.usefixtures('compilation_cache')  # whole runs: see conftest
 
@@ -140,10 +141,6 @@ def _config(data_dir):
   return cfg
 
 
-class _Interrupt(Exception):
-  pass
-
-
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   """An uninterrupted run, and one killed after step 6 (checkpoint at 5) then resumed."""
@@ -154,18 +151,7 @@ def runs(tmp_path_factory):
   summary = train_teacher.train(cfg, str(full))
 
   resumed = root / 'resumed'
-  original = train_teacher.MetricWriter.write_scalars
-
-  def crash_at_6(self, step, scalars):
-    if step == 6:
-      raise _Interrupt()
-    return original(self, step, scalars)
-
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(train_teacher.MetricWriter, 'write_scalars', crash_at_6)
-    with pytest.raises(_Interrupt):
-      train_teacher.train(cfg, str(resumed))
-  summary_resumed = train_teacher.train(cfg, str(resumed))
+  summary_resumed = train_interrupted_then_resumed(cfg, resumed, 6)
   return cfg, root, full, summary, resumed, summary_resumed
 
 
