@@ -43,13 +43,17 @@ class Footprint(NamedTuple):
   @property
   def message(self) -> str:
     return (f'CMI contrastive state per device: feature dim D={self.feature_dim}, head '
-            f'{self.head_params / 1e6:.2f}M parameters ({_gb(self.head_bytes)} with gradient '
+            f'{self.head_params:,} parameters ({_gb(self.head_bytes)} with gradient '
             f'and Adam), bank {_gb(self.bank_bytes)}, pool {_gb(self.pool_bytes)}; total '
             f'{_gb(self.total_bytes)} of {_gb(self.budget_bytes)} ({self.budget_source}).')
 
 
 def _gb(n: int) -> str:
-  return f'{n / 1e9:.3f} GB'
+  """Bytes in GB (MB, kB below them), 3 decimals."""
+  for unit, scale in (('GB', 1e9), ('MB', 1e6)):
+    if n >= scale:
+      return f'{n / scale:.3f} {unit}'
+  return f'{n / 1e3:.3f} kB'
 
 
 def head_params(d: int, kind: str, head_dim: int) -> int:
@@ -97,7 +101,7 @@ def check_fits(cfg: SynthesisConfig, d: int) -> Footprint:
     raise ConfigError(
         f'{fp.message} It does not fit. Choose fewer feature layers '
         "(synthesis.feature_layers='stages'), a smaller head (head_kind='linear': "
-        f"{head_params(d, 'linear', cfg.head_dim) / 1e6:.2f}M parameters) or bank "
+        f"{head_params(d, 'linear', cfg.head_dim):,} parameters) or bank "
         '(bank_size), or a pool of fewer images (pool_size); or raise '
         'synthesis.memory_budget_gb if the figure is wrong.')
   return fp
