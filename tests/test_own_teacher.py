@@ -245,3 +245,18 @@ def test_runner_distills_from_an_own_model(tmp_path):
   synth_rows = [r for r in rows if 'l_bn' in r or 'best_loss' in r]
   assert synth_rows and all(np.isfinite(r.get('best_loss', 0.0)) for r in synth_rows)
   assert any(r.get('l_bn', 0) > 0 for r in rows)
+
+
+def test_readme_own_model_example_runs():
+  """The README's "Your own Flax model as a teacher" example, as written."""
+  import re  # pylint: disable=g-import-not-at-top
+  text = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'README.md'),
+              encoding='utf-8').read()
+  example = next(b for b in re.findall(r'```python\n(.*?)```', text, flags=re.S)
+                 if 'class MyNet' in b)
+  scope = {}
+  exec(compile(example, 'README.md', 'exec'), scope)  # pylint: disable=exec-used
+  out = scope['out']
+  assert out.images.shape == (8, 32, 32, 3)
+  assert np.isfinite(out.metrics[0]['l_bn'][0]) and out.metrics[0]['l_bn'][0] > 0
+  assert out.state.bank.data.shape[-1] == 2 * (16 + 32)  # every BN input, local | global
