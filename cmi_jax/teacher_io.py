@@ -52,7 +52,9 @@ def save_teacher(out_dir, *, arch: str, num_classes: int, input_shape: Sequence[
     The absolute teacher directory.
   """
   out_dir = pathlib.Path(out_dir).resolve()
-  missing = [c for c in _COLLECTIONS if c not in variables]
+  # Your own model without BatchNorm has no batch_stats; every zoo classifier has them.
+  needed = ('params',) if classifiers.is_factory_spec(arch) else _COLLECTIONS
+  missing = [c for c in needed if c not in variables]
   if missing:
     raise ValueError(f'variables lack {missing}; expected keys {_COLLECTIONS}.')
   if (out_dir / VARIABLES_DIR).exists() and not overwrite:
@@ -66,7 +68,7 @@ def save_teacher(out_dir, *, arch: str, num_classes: int, input_shape: Sequence[
   (out_dir / CARD_FILE).unlink(missing_ok=True)  # the card is written last: its presence = complete
   checkpointer = ocp.StandardCheckpointer()
   # Plain dicts on disk, so the restore target from eval_shape has the same structure.
-  tree = {c: flax.core.unfreeze(variables[c]) for c in _COLLECTIONS}
+  tree = {c: flax.core.unfreeze(variables[c]) for c in _COLLECTIONS if c in variables}
   checkpointer.save(out_dir / VARIABLES_DIR, tree, force=overwrite)
   checkpointer.wait_until_finished()
   checkpointer.close()
@@ -187,7 +189,7 @@ def _load_dir(path: pathlib.Path) -> Tuple[nn.Module, Dict[str, Any], Dict[str, 
   abstract = jax.tree_util.tree_map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local),
       convert.abstract_variables(module, info['input_shape'], train=False))
-  abstract = {c: abstract[c] for c in _COLLECTIONS}
+  abstract = {c: abstract[c] for c in _COLLECTIONS if c in abstract}
   _check_card_fits(path, info, abstract)
   checkpointer = ocp.StandardCheckpointer()
   try:

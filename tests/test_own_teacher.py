@@ -165,7 +165,7 @@ def test_synthesize_with_an_own_model():
   assert out.state.head.params['head']['0']['kernel'].shape == (18, 18)
 
 
-def test_a_model_without_batchnorm_is_a_clear_error():
+def test_a_model_without_batchnorm_is_a_clear_error(tmp_path):
   module = NoBN()
   v = models.init(module, jax.random.key(0), (1,) + SHAPE)
   cfg = api.make_config(image_shape=SHAPE, num_classes=10, mean=MEAN, std=STD)
@@ -176,6 +176,12 @@ def test_a_model_without_batchnorm_is_a_clear_error():
   for method in ('dafl', 'zskt', 'dfad'):
     c = api.make_config(image_shape=SHAPE, num_classes=10, mean=MEAN, std=STD, method=method)
     assert round_kit.check_teacher(c, Teacher(module, v)) == 0
+  # Its teacher directory holds params only, and loads back.
+  d = teacher_io.save_teacher(tmp_path / 'nobn', arch='tests.test_own_teacher:NoBN',
+                              num_classes=10, input_shape=SHAPE, variables=v)
+  m2, v2, _ = teacher_io.load_teacher(d)
+  assert isinstance(m2, NoBN) and set(v2) == {'params'}
+  np.testing.assert_array_equal(v2['params']['Dense_0']['kernel'], v['params']['Dense_0']['kernel'])
 
 
 def test_footprint_figures_and_the_fit_check():
