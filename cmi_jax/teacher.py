@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from cmi_jax.models.layers import TAPS, BNTap
+from cmi_jax.models.layers import TAPS, BNTap, input_tap
 
 # synthesis.feature_layers: which BN inputs make CMI's contrastive features.
 #   'auto'   the architecture's own feature taps where it sows them (the zoo's ResNet:
@@ -53,13 +53,9 @@ def _record_flax_layers(next_fun, args, kwargs, context):
   module = context.module
   if context.method_name == '__call__' and module.is_mutable_collection(TAPS) and args:
     if isinstance(module, nn.BatchNorm) and module.has_variable('batch_stats', 'mean'):
-      xf = jnp.moveaxis(args[0].astype(jnp.float32), module.axis, -1)
-      spatial = tuple(range(1, xf.ndim - 1))                          # () for [N, C] inputs
-      m = jnp.mean(xf, axis=spatial) if spatial else xf               # [N, C]
-      v = (jnp.mean(jnp.square(xf - jnp.expand_dims(m, spatial)), axis=spatial) if spatial
-           else jnp.zeros_like(xf))
-      module.sow(TAPS, 'bn', BNTap(m, v, module.get_variable('batch_stats', 'mean'),
-                                   module.get_variable('batch_stats', 'var')))
+      module.sow(TAPS, 'bn', input_tap(jnp.moveaxis(args[0], module.axis, -1),
+                                       module.get_variable('batch_stats', 'mean'),
+                                       module.get_variable('batch_stats', 'var')))
     elif isinstance(module, nn.Dense):
       module.sow(TAPS, 'dense_input', args[0].astype(jnp.float32))
   return next_fun(*args, **kwargs)

@@ -26,10 +26,15 @@ class RoundOutput(NamedTuple):
   metrics: Dict[str, jax.Array]
 
 
+def _teacher_spec(teacher: Teacher, image_shape, feature_layers: str):
+  """The teacher's output as shapes (eval_shape: nothing runs)."""
+  return jax.eval_shape(lambda t: t(jnp.zeros((2,) + tuple(image_shape)),
+                                    feature_layers=feature_layers), teacher)
+
+
 def feature_dim(teacher: Teacher, image_shape, feature_layers: str = 'auto') -> int:
   """D: the width of the teacher's contrastive features (0 when it has none)."""
-  out = jax.eval_shape(lambda t: t(jnp.zeros((2,) + tuple(image_shape)),
-                                   feature_layers=feature_layers), teacher)
+  out = _teacher_spec(teacher, image_shape, feature_layers)
   return 0 if out.features is None else out.features.shape[-1]
 
 
@@ -41,8 +46,7 @@ def check_teacher(cfg: SynthesisConfig, teacher: Teacher) -> int:
   activation term from the penultimate features. A teacher without them is a
   TeacherError naming the terms and the presets that need none.
   """
-  out = jax.eval_shape(lambda t: t(jnp.zeros((2,) + tuple(cfg.image_shape)),
-                                   feature_layers=cfg.feature_layers), teacher)
+  out = _teacher_spec(teacher, cfg.image_shape, cfg.feature_layers)
   w = cfg.weights
   needs = [f'L_bn (synthesis.weights.bn={w.bn})'] if w.bn else []
   if w.cr and cfg.views == 'cmi':
