@@ -266,3 +266,15 @@ def test_readme_own_model_example_runs():
   assert out.images.shape == (8, 32, 32, 3)
   assert np.isfinite(out.metrics[0]['l_bn'][0]) and out.metrics[0]['l_bn'][0] > 0
   assert out.state.bank.data.shape[-1] == 2 * (16 + 32)  # every BN input, local | global
+
+
+def test_startup_message_names_the_teachers_figures():
+  module = OwnNet()
+  t = Teacher(module, random_variables(module, (1,) + SHAPE))
+  cfg = api.make_config(image_shape=SHAPE, num_classes=10, mean=MEAN, std=STD, bank_size=100,
+                        feature_layers='stages')
+  msg = footprint.startup_message(cfg, t)
+  assert 'D=18' in msg and f'head {18 * 18 + 18 + 18 * 256 + 256:,} parameters' in msg
+  assert 'bank 14.400 kB' in msg                          # 100 x 2 x 18 x 4 bytes
+  fast = api.make_config(image_shape=SHAPE, num_classes=10, mean=MEAN, std=STD, method='fast5')
+  assert footprint.startup_message(fast, t) == ''

@@ -21,6 +21,8 @@ import jax
 
 from cmi_jax.errors import ConfigError
 from cmi_jax.synthesis.config import SynthesisConfig
+from cmi_jax.synthesis.round_kit import feature_dim
+from cmi_jax.teacher import Teacher
 
 _F32 = 4
 # Head bytes per parameter: the parameter, its gradient and Adam's two moments.
@@ -105,3 +107,11 @@ def check_fits(cfg: SynthesisConfig, d: int) -> Footprint:
         '(bank_size), or a pool of fewer images (pool_size); or raise '
         'synthesis.memory_budget_gb if the figure is wrong.')
   return fp
+
+
+def startup_message(cfg: SynthesisConfig, teacher: Teacher) -> str:
+  """The entry points' start-up line for CMI's round ('' for the other methods,
+  which keep no head or bank)."""
+  if cfg.algorithm != 'cmi':
+    return ''
+  return footprint(cfg, feature_dim(teacher, cfg.image_shape, cfg.feature_layers)).message
