@@ -32,8 +32,9 @@ from cmi_jax.models.layers import TAPS, BNTap, input_tap
 #            the inputs of layer1..layer4, the reference's choice for resnet34), else 'all';
 #   'all'    the spatial mean of every BN layer's input (the reference's default);
 #   'stages' the architecture's own taps, else the input of the first BN layer of each
-#            top-level submodule (a stage: `layer1`, `block2`; a BN directly under the
-#            model is a stage of its own): far fewer dimensions for deep teachers.
+#            stage: each child of the deepest module holding every BN (`layer1`, `block2`
+#            of the model or of the backbone it wraps; a BN there is a stage of its own):
+#            far fewer dimensions for deep teachers.
 FEATURE_LAYERS = ('auto', 'all', 'stages')
 
 
@@ -61,15 +62,31 @@ def _record_flax_layers(next_fun, args, kwargs, context):
   return next_fun(*args, **kwargs)
 
 
-def _collect(tree, stage: Optional[str], out: List) -> None:
-  """(stage, kind, value) of the sown 'taps' dict in insertion (= forward call)
-  order; stage is the top-level submodule's name (None at the top level)."""
+def _collect(tree, path: Tuple[str, ...], out: List) -> None:
+  """(module path, kind, value) of the sown 'taps' dict in insertion (= forward
+  call) order."""
   for key, value in tree.items():
     if isinstance(value, dict):
-      _collect(value, key if stage is None else stage, out)
+      _collect(value, path + (key,), out)
     else:
-      out.extend((stage if stage is not None else f'.{key}.{i}', key, v)
-                 for i, v in enumerate(value))
+      out.extend((path, key, v) for v in value)
+
+
+def _stage_inputs(sown: List) -> List[jax.Array]:
+  """The spatial mean of the first BN input in each stage.
+
+  A stage is a child of the deepest module that holds every BN layer (the model
+  itself, or the backbone it wraps): `layer1`, `block2`, or a BN of its own.
+  """
+  paths = [p for p, kind, _ in sown if kind == 'bn']
+  depth = 0
+  while all(len(p) > depth + 1 and p[depth] == paths[0][depth] for p in paths):
+    depth += 1
+  first = {}
+  for p, kind, v in sown:
+    if kind == 'bn':
+      first.setdefault(p[:depth + 1], v.mean)
+  return list(first.values())
 
 
 def select_features(sown: List, bn: Tuple[BNTap, ...], feature_layers: str
@@ -80,12 +97,8 @@ def select_features(sown: List, bn: Tuple[BNTap, ...], feature_layers: str
   own = [v for _, kind, v in sown if kind == 'feat']
   if own and feature_layers != 'all':
     feat = own
-  elif feature_layers == 'stages':
-    first = {}
-    for stage, kind, v in sown:
-      if kind == 'bn' and stage not in first:
-        first[stage] = v.mean
-    feat = list(first.values())
+  elif feature_layers == 'stages' and bn:
+    feat = _stage_inputs(sown)
   else:
     feat = [t.mean for t in bn]
   return jnp.concatenate(feat, axis=-1) if feat else None
@@ -118,7 +131,7 @@ class Teacher:
     with nn.intercept_methods(_record_flax_layers):
       logits, state = self.module.apply(variables, x, train=False, mutable=[TAPS])
     sown = []
-    _collect(state.get(TAPS, {}), None, sown)
+    _collect(state.get(TAPS, {}), (), sown)
     bn = tuple(v for _, kind, v in sown if kind == 'bn')
     pen = ([v for _, kind, v in sown if kind == 'penultimate'] or
            [v for _, kind, v in sown if kind == 'dense_input'][-1:])

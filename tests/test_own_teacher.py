@@ -72,6 +72,15 @@ class OwnNet(nn.Module):
     return nn.Dense(self.num_classes, dtype=self.dtype)(jnp.mean(x, axis=(1, 2)))
 
 
+class Wrapped(nn.Module):
+  """OwnNet as the backbone of another module: the stages are the backbone's."""
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return OwnNet(self.num_classes, name='backbone')(x, train)
+
+
 class NoBN(nn.Module):
   num_classes: int = 10
 
@@ -137,6 +146,8 @@ def test_feature_layers_select_stages():
   want = jnp.concatenate([every.bn[i].mean for i in (0, 1, 3)], axis=1)
   np.testing.assert_array_equal(stages.features, want)
   assert stages.features.shape == (2, 4 + 6 + 8)
+  wrapped = Teacher(Wrapped(), {k: {'backbone': c} for k, c in v.items()})
+  np.testing.assert_array_equal(wrapped(x, feature_layers='stages').features, want)
   # The zoo's ResNet sows its own stage taps (layer1..4 inputs): 'auto' and 'stages'
   # keep them (512), 'all' takes every BN input (4800, reference table for resnet18).
   resnet = Teacher(models.get('resnet18', 10), None)
