@@ -116,15 +116,13 @@ def test_bn_statistics_and_l_bn_of_flax_batchnorm_match_numpy():
   np.testing.assert_allclose(out.bn[1].running_var, s['BatchNorm_1']['var'])
   np.testing.assert_allclose(out.bn[2].mean, h2, rtol=1e-5, atol=1e-6)   # a [N, C] input
   np.testing.assert_array_equal(out.bn[2].var, 0.0)
-  want = sum(_np_bn_terms(h, np.asarray(s[n]['mean']), np.asarray(s[n]['var']), axes)
-             for h, n, axes in ((h0, 'BatchNorm_0', (0, 1, 2)), (h1, 'BatchNorm_1', (0, 1, 2)),
-                                (h2, 'BatchNorm_2', 0)))
-  assert float(bn_loss(out.bn)) == pytest.approx(want, rel=1e-4)
-  # Rows 0-1 only (the global view of a [global; local] call): total-variance identity.
-  want2 = sum(_np_bn_terms(h[:2], np.asarray(s[n]['mean']), np.asarray(s[n]['var']), axes)
-              for h, n, axes in ((h0, 'BatchNorm_0', (0, 1, 2)), (h1, 'BatchNorm_1', (0, 1, 2)),
-                                 (h2, 'BatchNorm_2', 0)))
-  assert float(bn_loss(out.bn, rows=2)) == pytest.approx(want2, rel=1e-4)
+  # All rows, and rows 0-1 only (the global view of a [global; local] call, through
+  # the total-variance identity).
+  for rows in (None, 2):
+    want = sum(_np_bn_terms(h[:rows], np.asarray(s[n]['mean']), np.asarray(s[n]['var']), axes)
+               for h, n, axes in ((h0, 'BatchNorm_0', (0, 1, 2)),
+                                  (h1, 'BatchNorm_1', (0, 1, 2)), (h2, 'BatchNorm_2', 0)))
+    assert float(bn_loss(out.bn, rows)) == pytest.approx(want, rel=1e-4)
   # Features: every BN input's spatial mean; penultimate: the last Dense's input.
   np.testing.assert_allclose(out.features, np.concatenate(
       [h0.mean(axis=(1, 2)), h1.mean(axis=(1, 2)), h2], axis=1), rtol=1e-5, atol=1e-6)
