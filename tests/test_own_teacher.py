@@ -237,6 +237,16 @@ def test_own_teacher_directory_and_the_synthesize_cli(tmp_path):
                               overrides={'feature_layers': 'stages'})
   assert isinstance(teacher.module, OwnNet) and cfg.feature_layers == 'stages'
   assert round_kit.check_teacher(cfg, teacher) == 18
+  # The whole command, in this process: the start-up line, then the dataset.
+  from tests.test_synthesize_cli import _cli  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'synthetic'
+  stdout = _cli([f'--teacher={d}', '--num_images=4', '--batch_size=4', '--g_steps=2',
+                 f'--mean={",".join(map(str, MEAN))}', f'--std={",".join(map(str, STD))}',
+                 '--set=feature_layers=stages', '--set=n_neg=4', '--set=bank_size=16',
+                 '--set=ngf=8', '--set=nz=16', '--set=head_dim=8', f'--out={out}'])
+  assert 'CMI contrastive state per device: feature dim D=18, head 494 parameters' in stdout
+  with np.load(out / 'synthetic.npz') as z:
+    assert z['images'].shape == (4,) + SHAPE and z['labels'].shape == (4,)
   with pytest.raises(ValueError, match='cannot import'):
     classifiers.check_arch('no_such_package.mod:f')
   (tmp_path / 'x.pth').write_bytes(b'')
