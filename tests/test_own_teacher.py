@@ -264,6 +264,10 @@ def test_runner_distills_from_an_own_model(tmp_path):
   bad.teacher.arch = 'tests.test_own_teacher:Nothing'
   with pytest.raises(ConfigError, match='config.teacher.arch=.*has no attribute'):
     runner.run(bad, str(tmp_path / 'bad'))
+  small = cfg.copy_and_resolve_references()
+  small.synthesis.memory_budget_gb = 1e-6  # 1 kB: the head alone is larger
+  with pytest.raises(ConfigError, match='D=32.*does not fit'):
+    runner.run(small, str(tmp_path / 'small'))
   summary = runner.run(cfg, str(tmp_path / 'run'))
   rows = report.read_metrics(os.path.join(tmp_path, 'run', 'metrics.jsonl'))
   assert summary['teacher'] == 'tests.test_own_teacher:OwnNet'
