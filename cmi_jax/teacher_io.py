@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cmi_jax import convert, models
+from cmi_jax import classifiers, convert
 from cmi_jax.errors import TeacherError, TeacherNotFoundError
 
 VARIABLES_DIR = 'variables'
@@ -41,17 +41,20 @@ def save_teacher(out_dir, *, arch: str, num_classes: int, input_shape: Sequence[
 
   Args:
     out_dir: directory to create (or reuse when overwrite=True).
-    arch: `cmi_jax.models.CLASSIFIERS` name, e.g. 'wrn_40_2'.
+    arch: `cmi_jax.models.CLASSIFIERS` name, e.g. 'wrn_40_2', or your own model's
+      factory 'package.module:factory' (cmi_jax.classifiers; importable where loaded).
     num_classes: classifier outputs.
     input_shape: (H, W, C) of one input image.
-    variables: {'params', 'batch_stats'} of `models.get(arch, num_classes)`.
+    variables: {'params', 'batch_stats'} of `classifiers.get(arch, num_classes)`.
     meta: JSON-serializable provenance (e.g. `convert.conversion_meta`).
     overwrite: replace an existing teacher in `out_dir`.
   Returns:
     The absolute teacher directory.
   """
   out_dir = pathlib.Path(out_dir).resolve()
-  missing = [c for c in _COLLECTIONS if c not in variables]
+  # Your own model without BatchNorm has no batch_stats; every zoo classifier has them.
+  needed = ('params',) if classifiers.is_factory_spec(arch) else _COLLECTIONS
+  missing = [c for c in needed if c not in variables]
   if missing:
     raise ValueError(f'variables lack {missing}; expected keys {_COLLECTIONS}.')
   if (out_dir / VARIABLES_DIR).exists() and not overwrite:
@@ -65,7 +68,7 @@ def save_teacher(out_dir, *, arch: str, num_classes: int, input_shape: Sequence[
   (out_dir / CARD_FILE).unlink(missing_ok=True)  # the card is written last: its presence = complete
   checkpointer = ocp.StandardCheckpointer()
   # Plain dicts on disk, so the restore target from eval_shape has the same structure.
-  tree = {c: flax.core.unfreeze(variables[c]) for c in _COLLECTIONS}
+  tree = {c: flax.core.unfreeze(variables[c]) for c in _COLLECTIONS if c in variables}
   checkpointer.save(out_dir / VARIABLES_DIR, tree, force=overwrite)
   checkpointer.wait_until_finished()
   checkpointer.close()
@@ -88,9 +91,10 @@ def _read_card(path: pathlib.Path) -> Dict[str, Any]:
   if missing:
     raise TeacherError(f'{card_path} lacks {missing}. {fix}')
   arch, k, shape = card['arch'], card['num_classes'], card['input_shape']
-  if arch not in models.CLASSIFIERS:
-    raise TeacherError(f'{card_path}: arch={arch!r} is not one of {sorted(models.CLASSIFIERS)}. '
-                       f'{fix}')
+  try:
+    classifiers.check_arch(arch)
+  except ValueError as e:
+    raise TeacherError(f'{card_path}: {e} {fix}') from None
   if not isinstance(k, int) or isinstance(k, bool) or k < 1:
     raise TeacherError(f'{card_path}: num_classes={k!r} must be a positive int. {fix}')
   if (not isinstance(shape, list) or len(shape) != 3 or
@@ -177,15 +181,15 @@ def _load_dir(path: pathlib.Path) -> Tuple[nn.Module, Dict[str, Any], Dict[str, 
         f'(found {sorted(p.name for p in path.iterdir())}). Re-run '
         'experiments/convert_teacher.py, or pass the original .pth file.')
   info = _read_card(path)
-  module = models.get(info['arch'], info['num_classes'])
+  module = classifiers.get(info['arch'], info['num_classes'])
   # Restore into the exact abstract tree so shapes and dtypes come back right,
   # onto this process's first device: the saved sharding names the saver's
   # device, which another host of a multi-host run does not have.
   local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree_util.tree_map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local),
-      convert.abstract_variables(module, info['input_shape']))
-  abstract = {c: abstract[c] for c in _COLLECTIONS}
+      convert.abstract_variables(module, info['input_shape'], train=False))
+  abstract = {c: abstract[c] for c in _COLLECTIONS if c in abstract}
   _check_card_fits(path, info, abstract)
   checkpointer = ocp.StandardCheckpointer()
   try:
@@ -233,6 +237,10 @@ def load_teacher(path, *, arch: Optional[str] = None, num_classes: Optional[int]
     if value is None:
       raise ValueError(f'Loading the checkpoint file {path} needs {name}= (a .pth file does '
                        'not record arch, num_classes or input_shape).')
+  if classifiers.is_factory_spec(arch):
+    raise TeacherError(f'arch={arch!r} is your own model: a .pth file cannot be mapped onto it '
+                       '(convert.py knows the zoo only). Save its variables with '
+                       'teacher_io.save_teacher(dir, arch=...) and pass the directory.')
   module, variables = convert.load_pth(path, arch, num_classes, given['input_shape'])
   check_finite(variables, path)
   meta = convert.conversion_meta(path, arch, num_classes, given['input_shape'])

@@ -60,6 +60,11 @@ def base_config(dataset: str, method: str = 'cmi'):
       weights=C(dict(bn=1.0, oh=1.0, adv=0.5, cr=0.8, balance=0.0, act=0.0, tv=0.0)),
       adv_kind='masked_kl', adv_temperature=1.0, oh_kind='targets', cr_temperature=0.1,
       n_neg=4096, head_kind='mlp', head_dim=256, bank_size=40960, pool_size=51200,
+      # CMI's contrastive features: 'auto' (the architecture's own taps, else every BN
+      # input), 'all' (every BN input, the reference) or 'stages' (one BN input per
+      # stage: for deep teachers, README "Teachers with large feature sizes");
+      # memory_budget_gb 0: the device's memory (head + Adam + bank + pool must fit).
+      feature_layers='auto', memory_budget_gb=0.0,
       synthesizer='generator', generator='cmi', reinit=True, nz=256, ngf=64, views='cmi',
       global_padding=-1,  # -1: the dataset's standard crop padding (4 for CIFAR)
       local_scale=(0.25, 1.0), jitter=-1, dtype='float32',  # jitter -1: size // 8

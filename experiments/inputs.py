@@ -6,17 +6,20 @@ from typing import Optional
 import jax
 from absl import logging
 
-from cmi_jax import data, models
+from cmi_jax import classifiers, data, models
 from cmi_jax.teacher import Teacher
 
 
 def load_teacher(cfg, info: data.DatasetInfo, dtype) -> Teacher:
-  """The frozen teacher from a directory, a .pth, or 'random' (smoke tests)."""
+  """The frozen teacher from a directory, a .pth, or 'random' (smoke tests).
+
+  config.teacher.arch is a zoo name or your own model's factory
+  'package.module:factory' (cmi_jax.classifiers)."""
   if cfg.teacher.checkpoint == 'random':
     logging.warning('teacher.checkpoint=random: a randomly initialized teacher (tests only).')
-    module = models.get(cfg.teacher.arch, info.num_classes)
+    module = classifiers.get(cfg.teacher.arch, info.num_classes)
     variables = models.init(module, jax.random.fold_in(jax.random.key(cfg.seed), 99),
-                            (1,) + info.image_shape)
+                            (1,) + info.image_shape, train=False)
   else:
     from cmi_jax import teacher_io  # pylint: disable=g-import-not-at-top
     _, variables, card = teacher_io.load_teacher(
@@ -24,7 +27,7 @@ def load_teacher(cfg, info: data.DatasetInfo, dtype) -> Teacher:
         input_shape=info.image_shape)
     del card
   # Rebuild with the compute dtype (params stay float32).
-  module = models.get(cfg.teacher.arch, info.num_classes, dtype=dtype)
+  module = classifiers.get(cfg.teacher.arch, info.num_classes, dtype=dtype)
   return Teacher(module, variables)
 
 

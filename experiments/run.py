@@ -34,7 +34,8 @@ def main(argv):
   cfg = _CONFIG.value
   runner.maybe_initialize_distributed(cfg)
   workdir = _WORKDIR.value or os.path.join(
-      'runs', f'{cfg.data.name}_{cfg.method}_{cfg.teacher.arch}-{cfg.student.arch}')
+      'runs', f'{cfg.data.name}_{cfg.method}_{cfg.teacher.arch.rsplit(":", 1)[-1]}'
+      f'-{cfg.student.arch}')  # an own model ('package.module:factory'): the factory's name
   t0 = time.time()
   summary = runner.run(cfg, workdir)
   if 'stopped_at_round' in summary:

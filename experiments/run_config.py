@@ -9,7 +9,7 @@ from typing import Dict
 
 from absl import logging
 
-from cmi_jax import data, distill, models
+from cmi_jax import classifiers, data, distill, models
 from cmi_jax.errors import ConfigError
 from cmi_jax.state import cosine_per_epoch, sgd
 from cmi_jax.synthesis import presets
@@ -33,10 +33,12 @@ def _validate(cfg) -> None:
 
   dataset_info(cfg)
   _check_method(cfg)
-  for field in ('teacher.arch', 'student.arch'):
-    sec, key = field.split('.')
-    if cfg[sec][key] not in models.CLASSIFIERS:
-      bad(field, cfg[sec][key], f'must be one of {sorted(models.CLASSIFIERS)}')
+  try:
+    classifiers.check_arch(cfg.teacher.arch)  # a zoo name or 'package.module:factory'
+  except ValueError as e:
+    raise ConfigError(f'config.teacher.{e}') from None
+  if cfg.student.arch not in models.CLASSIFIERS:
+    bad('student.arch', cfg.student.arch, f'must be one of {sorted(models.CLASSIFIERS)}')
   ckpt = cfg.teacher.checkpoint
   if not ckpt:
     bad('teacher.checkpoint', ckpt, 'set it to a teacher directory (experiments/train_teacher.py '

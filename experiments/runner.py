@@ -19,7 +19,8 @@ from cmi_jax import data, distill, models, parallel, report
 from cmi_jax.checkpoint import Checkpointer
 from cmi_jax.errors import ConfigError
 from cmi_jax.state import create_classifier_state, rng_stream
-from cmi_jax.synthesis import algorithms, gan
+from cmi_jax.synthesis import algorithms, footprint, gan
+from cmi_jax.synthesis.round_kit import check_teacher
 from cmi_jax.synthesis.config import SynthesisConfig
 from cmi_jax.teacher import Teacher
 from experiments import evaluation, guard, resume, summary
@@ -97,8 +98,11 @@ def _setup(cfg, workdir: str, cleanup: contextlib.ExitStack):
   state = {'student': create_classifier_state(student_module, rng_stream(root, 'student_init'),
                                               (1,) + info.image_shape, student_tx(cfg, plan))}
   if fresh:
+    check_teacher(synth, teacher)  # the pool methods' init_state check it themselves
     state['generator'] = gan.init_generator_state(synth, rng_stream(root, 'generator'))
   else:
+    if synth.algorithm == 'cmi':  # CMI's head and bank, sized by D
+      print(footprint.startup_message(synth, teacher))
     state['synth'] = algorithms.get(synth.algorithm).init_state(synth, teacher,
                                                                  rng_stream(root, 'head'))
   state = parallel.replicate(mesh, state)

@@ -181,7 +181,7 @@ def synthesize_dataset(teacher, cfg, num_images: int, out: str, seed: int = 0,
   from cmi_jax import report  # pylint: disable=g-import-not-at-top
   from cmi_jax.checkpoint import Checkpointer, abstract  # pylint: disable=g-import-not-at-top
   from cmi_jax.state import rng_stream  # pylint: disable=g-import-not-at-top
-  from cmi_jax.synthesis import algorithms, api  # pylint: disable=g-import-not-at-top
+  from cmi_jax.synthesis import algorithms, api, footprint  # pylint: disable=g-import-not-at-top
   from experiments.resume import StopSignal  # pylint: disable=g-import-not-at-top
 
   settings = dict(settings or {}, num_images=num_images, seed=seed, config=repr(cfg))
@@ -194,6 +194,9 @@ def synthesize_dataset(teacher, cfg, num_images: int, out: str, seed: int = 0,
     print(f'{out} already holds the finished dataset ({done["num_images"]} images).')
     return done
   key = jax.random.key(seed)
+  message = footprint.startup_message(cfg, teacher)  # CMI's head and bank, sized by D
+  if message:
+    print(message)
   state = algorithms.get(cfg.algorithm).init_state(cfg, teacher, rng_stream(key, 'head'))
   # Committed to one device, as the round's outputs and a restored state are: one compile.
   state = jax.device_put(state, jax.devices()[0])

@@ -26,11 +26,11 @@ def abstract_variables(module, shape, **kwargs):
   return jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros(shape), **kwargs))
 
 
-def random_variables(module, shape, seed=0):
+def random_variables(module, shape, seed=0, **init_kwargs):
   """Random params/batch_stats of the right shapes, drawn in numpy (real init is slow
   on a busy CPU); kernels scaled by 1/sqrt(fan_in), running stats non-trivial."""
   rng = np.random.default_rng(seed)
-  abstract = abstract_variables(module, shape)
+  abstract = abstract_variables(module, shape, **init_kwargs)
 
   def draw(path, x):
     name = path[-1].key

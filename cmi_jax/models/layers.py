@@ -45,6 +45,22 @@ class BNTap(NamedTuple):
   running_var: jax.Array
 
 
+def input_tap(x: jax.Array, running_mean: jax.Array, running_var: jax.Array) -> BNTap:
+  """The BNTap of a BN layer's input x: [N, ..., C] (channels last), in float32.
+
+  Mean and biased variance per sample over the axes between N and C (H, W for
+  images; none for [N, C] features, whose variance per sample is then 0, which
+  keeps the batch statistics of `subset_batch_stats` exact).
+  """
+  xf = x.astype(jnp.float32)
+  axes = tuple(range(1, xf.ndim - 1))
+  if not axes:
+    return BNTap(xf, jnp.zeros_like(xf), running_mean, running_var)
+  m = jnp.mean(xf, axis=axes)                                             # [N, C]
+  v = jnp.mean(jnp.square(xf - jnp.expand_dims(m, axes)), axis=axes)      # [N, C]
+  return BNTap(m, v, running_mean, running_var)
+
+
 def spatial_mean(x: jax.Array) -> jax.Array:
   """Per-sample mean over H, W in float32: [N, H, W, C] -> [N, C]."""
   return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
@@ -305,9 +321,7 @@ class BatchNorm(nn.Module):
     xf = x.astype(jnp.float32)
 
     if self.is_mutable_collection(TAPS):
-      m = jnp.mean(xf, axis=(1, 2))                                   # [N, C]
-      v = jnp.mean(jnp.square(xf - m[:, None, None, :]), axis=(1, 2))  # [N, C]
-      self.sow(TAPS, 'bn', BNTap(m, v, ra_mean.value, ra_var.value))
+      self.sow(TAPS, 'bn', input_tap(xf, ra_mean.value, ra_var.value))
 
     if train:
       mean = jnp.mean(xf, axis=(0, 1, 2))

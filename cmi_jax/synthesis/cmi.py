@@ -20,15 +20,16 @@ from typing import Any, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 from flax import struct
 from flax.training import train_state
 
 from cmi_jax.parallel import constrain
 from cmi_jax.state import select
 from cmi_jax.synthesis import config as _config
-from cmi_jax.synthesis import losses
+from cmi_jax.synthesis import footprint, losses
 from cmi_jax.synthesis.bank import RingBuffer, ring_add, ring_init, ring_sample_distinct
-from cmi_jax.synthesis.round_kit import (RoundOutput, all_finite, diagnostics, feature_dim,
+from cmi_jax.synthesis.round_kit import (RoundOutput, all_finite, check_teacher, diagnostics,
                                          init_pool, inversion_terms, to_uint8, track_best,
                                          views, weighted_sum)
 from cmi_jax.teacher import Teacher, TeacherOutput
@@ -42,11 +43,13 @@ class SynthState(struct.PyTreeNode):
 
 
 def init_state(cfg: _config.SynthesisConfig, teacher: Teacher, rng: jax.Array) -> SynthState:
-  """Fresh head (+ Adam), empty bank and pool."""
-  d = feature_dim(teacher, cfg.image_shape)
+  """Fresh head (+ Adam), empty bank and pool; first checks the teacher has what
+  the loss reads and that head, bank and pool fit the device (footprint.py)."""
+  d = check_teacher(cfg, teacher)
+  logging.info(footprint.check_fits(cfg, d).message)
   head = cfg.make_head()
-  params = head.init(rng, jnp.zeros((1, d), jnp.float32))['params'] if cfg.head_kind != 'none' \
-      else {}
+  params = head.init(rng, jnp.zeros((1, d), jnp.float32))['params'] \
+      if cfg.head_kind != 'none' and d else {}
   head_state = train_state.TrainState.create(apply_fn=head.apply, params=params,
                                              tx=optax.adam(cfg.lr_head))
   bank = ring_init(cfg.bank_size, jax.ShapeDtypeStruct((2 * d,), jnp.float32))
@@ -152,13 +155,15 @@ def synthesis_round(cfg: _config.SynthesisConfig, teacher: Teacher, student: Opt
     x = constrain(_render(cfg, trainables, gen_stats), data_sharding)
     xg, xl = views(cfg, k_views, x)
     if xl is None:
-      out = out_l = teacher(constrain(xg, data_sharding).astype(cfg.compute_dtype))
+      out = out_l = teacher(constrain(xg, data_sharding).astype(cfg.compute_dtype),
+                            feature_layers=cfg.feature_layers)
     else:
       # One teacher call on interleaved rows [g0, l0, g1, l1, ...]: each device
       # holds both views of its own samples, so neither the call nor the split
       # below moves data between devices (a [xg; xl] concatenation would).
       rows = jnp.stack([xg, xl], axis=1).reshape((2 * b,) + xg.shape[1:])
-      both = teacher(constrain(rows, data_sharding).astype(cfg.compute_dtype))
+      both = teacher(constrain(rows, data_sharding).astype(cfg.compute_dtype),
+                     feature_layers=cfg.feature_layers)
       out, out_l = _view_rows(both, 0), _view_rows(both, 1)
     s_logits = student(xg.astype(cfg.compute_dtype), taps=False).logits if use_adv else None
     terms = inversion_terms(cfg, teacher_out=out, rows=b, targets=targets,

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from cmi_jax.models import Generator, Head
 from cmi_jax.synthesis import embeddings, losses
+from cmi_jax.teacher import FEATURE_LAYERS
 
 SYNTHESIZERS = ('generator', 'pixels')
 GENERATORS = ('cmi', 'large')
@@ -55,6 +56,13 @@ class SynthesisConfig:
   head_kind: str = 'mlp'
   head_dim: int = 256
   bank_size: int = 40960
+  # Which BN inputs form CMI's contrastive features (D wide; the head is D x D and the
+  # bank bank_size x 2D): 'auto', 'all' or 'stages' (cmi_jax.teacher.FEATURE_LAYERS).
+  feature_layers: str = 'auto'
+  # The memory the head, its Adam, the bank and the pool may take per device, in GB;
+  # 0: what jax reports for the device (bytes_limit), else host RAM / local devices
+  # (cmi_jax/synthesis/footprint.py). Too much: an error before anything compiles.
+  memory_budget_gb: float = 0.0
   pool_size: int = 51200      # 200 rounds x 256 (the reference keeps every image)
   synthesizer: str = 'generator'
   generator: str = 'cmi'       # 'cmi' (2*ngf) or 'large' (4*ngf, GAN baselines)
@@ -117,6 +125,8 @@ class SynthesisConfig:
         ('g_steps', self.g_steps >= 1, '>= 1'),
         ('n_neg', self.n_neg >= 0, '>= 0'),
         ('bank_size', self.bank_size >= 1, '>= 1'),
+        ('feature_layers', self.feature_layers in FEATURE_LAYERS, f'one of {FEATURE_LAYERS}'),
+        ('memory_budget_gb', self.memory_budget_gb >= 0, '>= 0 (0: the device\'s memory)'),
         ('pool_size', self.pool_size >= self.batch_size, f'>= batch_size ({self.batch_size})'),
         ('cr_temperature', self.cr_temperature > 0, '> 0'),
         ('lr_g', self.lr_g > 0, '> 0'),

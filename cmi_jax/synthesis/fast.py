@@ -40,7 +40,8 @@ from cmi_jax.state import ClassifierState, select
 from cmi_jax.synthesis import gan, losses
 from cmi_jax.synthesis.bank import RingBuffer, ring_add
 from cmi_jax.synthesis.config import SynthesisConfig
-from cmi_jax.synthesis.round_kit import (RoundOutput, all_finite, diagnostics, init_pool,
+from cmi_jax.synthesis.round_kit import (RoundOutput, all_finite, check_teacher, diagnostics,
+                                         init_pool,
                                          inversion_terms, to_uint8, track_best, views,
                                          weighted_sum)
 from cmi_jax.teacher import Teacher
@@ -85,6 +86,7 @@ def init_state(cfg: SynthesisConfig, teacher: Teacher, rng: jax.Array) -> FastSt
   if cfg.synthesizer != 'generator':
     raise ValueError(f"synthesis.synthesizer={cfg.synthesizer!r} is invalid for algorithm "
                      "'fast': FastDFKD meta-learns a generator; use 'generator'.")
+  check_teacher(cfg, teacher)
   k_shapes, k_params = jax.random.split(rng)
   gen = gan.init_generator_state(dataclasses.replace(cfg, lr_g=meta_lr(cfg)), k_shapes)
   gen = gen.replace(params=torch_default_params(gen.params, k_params))

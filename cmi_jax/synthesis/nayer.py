@@ -38,7 +38,8 @@ from cmi_jax.state import select
 from cmi_jax.synthesis import embeddings, losses
 from cmi_jax.synthesis.bank import RingBuffer, ring_add
 from cmi_jax.synthesis.config import SynthesisConfig
-from cmi_jax.synthesis.round_kit import (RoundOutput, all_finite, diagnostics, feature_dim,
+from cmi_jax.synthesis.round_kit import (RoundOutput, all_finite, check_teacher, diagnostics,
+                                         feature_dim,
                                          init_pool, inversion_terms, to_uint8, track_best, views,
                                          weighted_sum)
 from cmi_jax.teacher import Teacher
@@ -85,6 +86,7 @@ def class_cyclic_targets(rng: jax.Array, batch_size: int, num_classes: int) -> j
 def init_state(cfg: SynthesisConfig, teacher: Teacher, rng: jax.Array) -> NayerState:
   """Label embeddings (teacher-derived or the user's .npy), a fresh generator,
   an empty BN EMA and pool."""
+  check_teacher(cfg, teacher)
   k_emb, k_gen = jax.random.split(rng)
   table = jnp.asarray(embeddings.label_embeddings(cfg, teacher, k_emb), jnp.float32)
   spec = jax.eval_shape(lambda t: t(jnp.zeros((2,) + tuple(cfg.image_shape))), teacher)

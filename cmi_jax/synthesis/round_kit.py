@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 
 from cmi_jax import augment
+from cmi_jax.errors import TeacherError
 from cmi_jax.state import select
-from cmi_jax.synthesis import losses
+from cmi_jax.synthesis import losses, presets
 from cmi_jax.synthesis.bank import RingBuffer, ring_init
 from cmi_jax.synthesis.config import SynthesisConfig
 from cmi_jax.teacher import Teacher
@@ -25,10 +26,47 @@ class RoundOutput(NamedTuple):
   metrics: Dict[str, jax.Array]
 
 
-def feature_dim(teacher: Teacher, image_shape) -> int:
-  """D: the width of the teacher's contrastive features."""
-  out = jax.eval_shape(lambda t: t(jnp.zeros((2,) + tuple(image_shape))), teacher)
-  return out.features.shape[-1]
+def _teacher_spec(teacher: Teacher, image_shape, feature_layers: str):
+  """The teacher's output as shapes (eval_shape: nothing runs)."""
+  return jax.eval_shape(lambda t: t(jnp.zeros((2,) + tuple(image_shape)),
+                                    feature_layers=feature_layers), teacher)
+
+
+def feature_dim(teacher: Teacher, image_shape, feature_layers: str = 'auto') -> int:
+  """D: the width of the teacher's contrastive features (0 when it has none)."""
+  out = _teacher_spec(teacher, image_shape, feature_layers)
+  return 0 if out.features is None else out.features.shape[-1]
+
+
+def check_teacher(cfg: SynthesisConfig, teacher: Teacher) -> int:
+  """Whether the teacher has what cfg's loss terms read (nothing runs: eval_shape);
+  returns D, the width of its contrastive features under cfg.feature_layers.
+
+  L_bn and CMI's contrastive features are read from BatchNorm layers; DAFL's
+  activation term from the penultimate features. A teacher without them is a
+  TeacherError naming the terms and the presets that need none.
+  """
+  out = _teacher_spec(teacher, cfg.image_shape, cfg.feature_layers)
+  w = cfg.weights
+  needs = [f'L_bn (synthesis.weights.bn={w.bn})'] if w.bn else []
+  if w.cr and cfg.views == 'cmi':
+    needs.append(f'the contrastive features (synthesis.weights.cr={w.cr})')
+  if needs and not out.bn:
+    free = [n for n in presets.PRESETS
+            if not presets.get(n)['synthesis'].get('weights', {}).get('bn', 1.0)
+            and not presets.get(n)['synthesis'].get('weights', {}).get('cr', 0.8)]
+    raise TeacherError(
+        f'The teacher ({type(teacher.module).__name__}) has no BatchNorm layer (flax '
+        f'nn.BatchNorm or cmi_jax.models.BatchNorm), but {" and ".join(needs)} read the '
+        f'inputs of BN layers. Methods without them: {", ".join(free)} (bn and cr weights '
+        '0; through experiments.run, method=...), or set synthesis.weights.bn=0 and '
+        'weights.cr=0 yourself.')
+  if w.act and out.penultimate is None:
+    raise TeacherError(
+        f'synthesis.weights.act={w.act} (DAFL\'s activation term) needs the penultimate '
+        'features: sow them (self.sow("taps", "penultimate", feat)) or end the model with '
+        'an nn.Dense classifier, whose input stands in for them.')
+  return 0 if out.features is None else out.features.shape[-1]
 
 
 def init_pool(cfg: SynthesisConfig) -> RingBuffer:
