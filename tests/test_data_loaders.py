@@ -165,7 +165,7 @@ def test_imagenet_resize_256_center_crop_224_streamed(tmp_path):
 
 def test_imagenet_evaluation_decodes_batch_by_batch(tmp_path):
   """distill.evaluate (and its multi-host wrapper) take a FolderImages split."""
-  from cmi_jax import distill, parallel  # pylint: disable=import-outside-toplevel
+  from cmi_jax import distill  # pylint: disable=import-outside-toplevel
   _write_tree(str(tmp_path), classes=('n01', 'n02', 'n03'), size=(260, 256))
   test = data.load('imagenet', 'test', str(tmp_path), num_classes=3)
   seen = []
@@ -177,7 +177,7 @@ def test_imagenet_evaluation_decodes_batch_by_batch(tmp_path):
     return np.sum((labels == 1) & valid), 0.0
   ev = distill.evaluate(eval_fn, {}, test.images, test.labels, batch_size=4)
   assert seen == [4, 2] and ev['accuracy'] == pytest.approx(100 / 3)
-  assert parallel.evaluate_on_hosts(eval_fn, {}, test.images, test.labels, 4)['accuracy'] == \
+  assert distill.evaluate_on_hosts(eval_fn, {}, test.images, test.labels, 4)['accuracy'] == \
       pytest.approx(100 / 3)
 
 

@@ -386,7 +386,7 @@ def test_missing_teacher_checkpoint(tmp_path):
 
 @pytest.mark.parametrize('section,field,value,patterns', [
     ('student', 'arch', 'wrn_99_9', ['student.arch', 'wrn_99_9', 'wrn_16_1']),
-    ('teacher', 'arch', 'resnet50', ['teacher.arch', 'resnet50']),
+    ('teacher', 'arch', 'resnet51', ['teacher.arch', 'resnet51']),
     ('kd', 'ep_steps', 1, ['kd.ep_steps=1', 'kd.kd_steps (2)']),
     ('kd', 'mode', 'online', ['kd.mode', 'online']),
     ('data', 'name', 'stl10', ['stl10', 'data.name']),
