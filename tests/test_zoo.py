@@ -199,9 +199,71 @@ def test_grouped_conv_explicit_grad_matches_xla(cin, cout, groups, ksize, stride
   def grads(impl):
     return jax.grad(lambda a, b: jnp.sum(layers.conv2d(a, b, stride, pad, impl, groups) * g),
                     argnums=(0, 1))(x, k)
-  np.testing.assert_array_equal(layers.conv2d(x, k, stride, pad, 'explicit_grad', groups), y)
+  # Depthwise convs (the first two) are summed in another order: float32 rounding apart.
+  np.testing.assert_allclose(layers.conv2d(x, k, stride, pad, 'explicit_grad', groups), y,
+                             rtol=1e-6, atol=1e-6 * float(jnp.max(jnp.abs(y))))
   for a, b in zip(grads('explicit_grad'), grads('xla')):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+def _np_depthwise(x, k, stride, pad):
+  """float64 numpy depthwise cross-correlation: x [N, H, W, C], k [kh, kw, C]."""
+  xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  kh, kw, _ = k.shape
+  ho, wo = (xp.shape[1] - kh) // stride + 1, (xp.shape[2] - kw) // stride + 1
+  out = np.zeros((x.shape[0], ho, wo, x.shape[-1]))
+  for i in range(kh):
+    for j in range(kw):
+      out += xp[:, i:i + (ho - 1) * stride + 1:stride, j:j + (wo - 1) * stride + 1:stride] * k[i, j]
+  return out
+
+
+@pytest.mark.parametrize('h,w,ksize,stride,pad', [
+    (7, 7, 3, 1, 1), (8, 8, 3, 2, 1), (7, 6, 3, 2, 1), (9, 9, 5, 2, 2), (6, 6, 3, 1, 0),
+    (5, 7, 1, 2, 0)])
+def test_depthwise_conv_matches_float64_reference(h, w, ksize, stride, pad):
+  """The CPU depthwise path (shifted multiply-adds, conv_taps) against numpy in float64:
+  the forward and both gradients (odd sizes, stride 2, 5x5 and 1x1 kernels, no padding)."""
+  rng = np.random.default_rng(h * 10 + ksize + stride)
+  c = 5
+  x = rng.normal(size=(2, h, w, c))
+  k = rng.normal(size=(ksize, ksize, 1, c))
+  want = _np_depthwise(x, k[:, :, 0], stride, pad)
+  ct = rng.normal(size=want.shape)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  y, vjp = jax.vjp(lambda a, b: layers.conv2d(a, b, stride, pad, 'explicit_grad', c), f32(x), f32(k))
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  dx, dk = vjp(f32(ct))
+  # Independent gradients in float64: dL/dx scatters ct * k back over the windows,
+  # dL/dk[i, j] sums window_ij(x) * ct.
+  xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  dxp, dk_want = np.zeros_like(xp), np.zeros((ksize, ksize, c))
+  ho, wo = want.shape[1:3]
+  for i in range(ksize):
+    for j in range(ksize):
+      sl = (slice(None), slice(i, i + (ho - 1) * stride + 1, stride),
+            slice(j, j + (wo - 1) * stride + 1, stride))
+      dxp[sl] += ct * k[i, j, 0]
+      dk_want[i, j] = np.sum(xp[sl] * ct, axis=(0, 1, 2))
+  dx_want = dxp[:, pad:pad + h, pad:pad + w]
+  np.testing.assert_allclose(dx, dx_want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dk[:, :, 0], dk_want, rtol=1e-5, atol=1e-4)
+
+
+def test_depthwise_cpu_path_uses_no_xla_conv():
+  """conv2d routes a depthwise conv (groups == C_in == C_out) to the shifted multiply-adds
+  on the explicit-gradient path: no convolution op in the forward or the gradients;
+  a channel multiplier (C_out = 2 C_in) stays a grouped conv."""
+  x = jnp.ones((1, 6, 6, 4))
+  def ops(k, groups):
+    f = lambda a, b: jnp.sum(layers.conv2d(a, b, 2, 1, 'explicit_grad', groups))
+    return str(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(x, k))
+  assert 'conv_general_dilated' not in ops(jnp.ones((3, 3, 1, 4)), 4)
+  assert 'conv_general_dilated' in ops(jnp.ones((3, 3, 1, 8)), 4)
+  assert 'conv_general_dilated' in ops(jnp.ones((3, 3, 2, 4)), 2)
+  y = layers.conv2d(x.astype(jnp.bfloat16), jnp.ones((3, 3, 1, 4), jnp.bfloat16), 1, 1,
+                    'explicit_grad', 4)
+  assert y.dtype == jnp.bfloat16 and float(y[0, 2, 2, 0]) == 9.0
 
 
 def test_conv_groups_shape_and_validation():

@@ -19,6 +19,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cmi_jax.models.conv_taps import depthwise_conv2d, is_depthwise
+from cmi_jax.models.conv_taps import input_grad_pads as _input_grad_pads
+from cmi_jax.models.conv_taps import windows as _windows
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -126,23 +130,6 @@ def _conv_bwd(stride, padding, groups, res, g):
   return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
-def _windows(xp, kh, kw, ho, wo, stride):
-  """The kh*kw strided [N, ho, wo, C] views of the padded input, one per kernel tap."""
-  n, c = xp.shape[0], xp.shape[-1]
-  return [lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
-                    (1, stride, stride, 1)) for i in range(kh) for j in range(kw)]
-
-
-def _input_grad_pads(x, kernel, g, stride, padding):
-  """Padding of the (stride-dilated) g that makes the input gradient a forward conv."""
-  pads = []
-  for size, k, o in ((x.shape[1], kernel.shape[0], g.shape[1]),
-                     (x.shape[2], kernel.shape[1], g.shape[2])):
-    lo = k - 1 - padding
-    pads.append((lo, size + k - 1 - ((o - 1) * stride + 1) - lo))
-  return pads
-
-
 def _grouped_conv_bwd(stride, padding, groups, x, kernel, g):
   """_conv_bwd for feature_group_count > 1 (depthwise and grouped convs), the same way:
   the input gradient is a grouped forward conv of g with the transposed kernel; the
@@ -194,13 +181,16 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int,
   C_out]; groups == C_in is a depthwise conv.
 
   impl: 'xla' (XLA's own gradients), 'explicit_grad' (same forward; gradients
-  as canonical forward convs and matmuls, see _conv_bwd), or 'auto' =
+  as canonical forward convs and matmuls, see _conv_bwd; a depthwise conv is
+  shifted multiply-adds, forward and gradients, conv_taps.depthwise_conv2d), or 'auto' =
   'explicit_grad' on the CPU backend (where XLA's backward convs are slow inside
   loops, and its filter gradient ~2x slower than matmuls for wide layers),
   'xla' on GPU/TPU.
   """
   if _resolve_impl(impl) == 'xla':
     return _xla_conv(x, kernel, stride, padding, groups)
+  if is_depthwise(kernel, groups):  # XLA:CPU's depthwise conv is slow: see conv_taps
+    return depthwise_conv2d(x, kernel, stride, padding)
   return _conv_explicit_grad(x, kernel, stride, padding, groups)
 
 
