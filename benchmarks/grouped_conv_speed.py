@@ -1,6 +1,6 @@
 """Depthwise and grouped convs on the CPU: cmi_jax's explicit-gradient path vs XLA's own.
 
-  python -m benchmarks.grouped_conv_speed             # every shape (~3 min, 2 cores)
+  python -m benchmarks.grouped_conv_speed             # every shape (~15 min on 2 loaded cores: XLA is slow here)
   python -m benchmarks.grouped_conv_speed --quick     # two small shapes, seconds
 
 For the depthwise shapes of MobileNetV2 (at 32x32 inputs and at 224x224) and
@@ -145,8 +145,8 @@ def main(argv: Optional[List[str]] = None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--quick', action='store_true', help='two small shapes (smoke test)')
   ap.add_argument('--shapes', default='', help=f'comma list of {sorted(SHAPES)}')
-  ap.add_argument('--repeats', type=int, default=7)
-  ap.add_argument('--scan', type=int, default=4, help='steps of the scan timing')
+  ap.add_argument('--repeats', type=int, default=5)
+  ap.add_argument('--scan', type=int, default=2, help='steps of the scan timing')
   ap.add_argument('--out', default=os.path.join(RESULTS, 'grouped_conv_speed.json'))
   args = ap.parse_args(argv)
   table = QUICK if args.quick else SHAPES

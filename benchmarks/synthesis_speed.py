@@ -3,6 +3,7 @@
   python -m benchmarks.synthesis_speed                      # every setting (~30 min, 2 cores)
   python -m benchmarks.synthesis_speed --settings=32x32x3_b64,kd_b128
   python -m benchmarks.synthesis_speed --quick              # seconds-long smoke run
+  python -m benchmarks.synthesis_speed --rows=zoo           # the model-zoo rows (~25 min)
 
 Teacher wrn_16_2 -> student wrn_16_1, random weights, the memory bank holding
 n_neg=4096 negatives. Both implementations run in ONE process, interleaved
@@ -17,6 +18,15 @@ The PyTorch side is benchmarks/torch_baseline.py (eager, the reference's
 algorithm); it is skipped when torch is not installed. ratio = cmi_jax / torch
 (< 1: cmi_jax faster).
 
+--rows=zoo: the same two measurements for the model zoo's resnet50 (CIFAR style)
+teacher -> mobilenetv2 student at 32x32x3 (ZOO below; torch twins from
+tests/torch_zoo.py), at small batches and --long=3 --short=1 by default. The
+contrastive features are the input of each stage's first BN on both sides (cmi_jax's
+synthesis.feature_layers='stages': bn1 and the first BN of layer1..layer4, D = 1024):
+all 53 BN inputs (D = 26560, the reference's default) would make a 705M-parameter
+head and an 8.7 GB bank, more than this machine's memory. Each row records its
+teacher, student and versions (rows may come from different environments).
+
 Profile: one long cmi_jax round runs under the JAX profiler; every executed
 HLO instruction's time (the CPU runtime records one event per instruction) is
 summed per op family, from the compiled HLO: conv fwd, conv input-grad, conv
@@ -30,8 +40,10 @@ import argparse
 import collections
 import json
 import os
+import platform
 import re
 import statistics
+import sys
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -57,6 +69,17 @@ SETTINGS = {  # name: (image shape, batch); 'kd' rows time the KD step
     'kd_b128': ((32, 32, 3), 128),
 }
 QUICK = {'quick_16x16x3_b8': ((16, 16, 3), 8), 'quick_kd_b8': ((16, 16, 3), 8)}
+# name: (image shape, batch, teacher, student), run by --rows=zoo at ZOO_STEPS (long, short).
+ZOO = {
+    'zoo_resnet50_mobilenetv2_32x32x3_b8': ((32, 32, 3), 8, 'resnet50', 'mobilenetv2'),
+    'zoo_kd_resnet50_mobilenetv2_b32': ((32, 32, 3), 32, 'resnet50', 'mobilenetv2'),
+}
+ZOO_STEPS = (3, 1)
+# Contrastive features of the zoo teachers: cmi_jax's synthesis.feature_layers, and the
+# torch teacher's modules whose inputs are the same features (checked: same width).
+JAX_FEATURE_LAYERS = {'resnet50': 'stages'}
+TORCH_FEATURE_LAYERS = {'resnet50': ('bn1', 'layer1.0.bn1', 'layer2.0.bn1', 'layer3.0.bn1',
+                                     'layer4.0.bn1')}
 FAMILIES = ('conv_fwd', 'conv_input_grad', 'conv_filter_grad', 'matmul', 'elementwise_other')
 
 
@@ -186,29 +209,31 @@ def profile_families(compiled, run: Callable[[], None], top_ops: int = 12) -> di
 # Settings
 # ----------------------------------------------------------------------------
 
-def _nets(shape, key):
-  t_mod, s_mod = models.get(TEACHER, 10), models.get(STUDENT, 10)
+def _nets(shape, key, nets=(TEACHER, STUDENT)):
+  t_mod, s_mod = models.get(nets[0], 10), models.get(nets[1], 10)
   teacher = Teacher(t_mod, models.init(t_mod, key, (1,) + shape))
   student = Teacher(s_mod, models.init(s_mod, jax.random.fold_in(key, 1), (1,) + shape))
   return teacher, student
 
 
-def _synthesis_cfg(shape, batch, g_steps, quick):
+def _synthesis_cfg(shape, batch, g_steps, quick, feature_layers='auto'):
   c = shape[-1]
   kw = dict(n_neg=64, bank_size=256, ngf=8, nz=16) if quick else dict(n_neg=4096,
                                                                       bank_size=40960)
   return SynthesisConfig(image_shape=shape, num_classes=10, mean=(0.5,) * c, std=(0.25,) * c,
                          batch_size=batch, g_steps=g_steps, pool_size=max(4 * batch, 1024),
-                         global_padding=4 if shape[0] == 32 else 2, **kw)
+                         global_padding=4 if shape[0] == 32 else 2,
+                         feature_layers=feature_layers, **kw)
 
 
 class _JaxSynthesis:
   """Compiled cmi_jax rounds of `long` and `short` iterations on a full bank."""
 
-  def __init__(self, shape, batch, long, short, quick):
+  def __init__(self, shape, batch, long, short, quick, nets=(TEACHER, STUDENT)):
     key = jax.random.key(0)
-    self.teacher, self.student = _nets(shape, key)
-    self.cfgs = {n: _synthesis_cfg(shape, batch, n, quick) for n in (long, short)}
+    self.teacher, self.student = _nets(shape, key, nets)
+    self.cfgs = {n: _synthesis_cfg(shape, batch, n, quick, JAX_FEATURE_LAYERS.get(nets[0], 'auto'))
+                 for n in (long, short)}
     state = init_state(self.cfgs[long], self.teacher, key)
     n_neg = self.cfgs[long].n_neg
     feats = jax.random.normal(key, (n_neg, state.bank.data.shape[-1]))
@@ -229,13 +254,13 @@ class _JaxSynthesis:
 class _JaxKD:
   """Compiled cmi_jax KD scans (kd_steps) of `long` and `short` steps."""
 
-  def __init__(self, shape, batch, long, short, quick):
+  def __init__(self, shape, batch, long, short, quick, nets=(TEACHER, STUDENT)):
     key = jax.random.key(0)
-    self.teacher, _ = _nets(shape, key)
+    self.teacher, _ = _nets(shape, key, nets)
     c = shape[-1]
     self.cfg = KDConfig(batch_size=batch, temperature=20.0, crop_padding=4,
                         mean=(0.5,) * c, std=(0.25,) * c)
-    s_mod = models.get(STUDENT, 10)
+    s_mod = models.get(nets[1], 10)
     self.state = create_classifier_state(s_mod, jax.random.fold_in(key, 2), (1,) + shape,
                                          sgd(0.1, 0.9, 1e-4))
     pool = ring_init(4 * batch if quick else 4096, {
@@ -258,13 +283,14 @@ class _JaxKD:
 
 
 class _TorchSynthesis:
-  def __init__(self, tb, shape, batch, quick):
+  def __init__(self, tb, shape, batch, quick, nets=(TEACHER, STUDENT)):
     h, _, c = shape
-    teacher = tb.build_classifier(TEACHER, 10, c)
-    student = tb.build_classifier(STUDENT, 10, c)
+    teacher = tb.build_classifier(nets[0], 10, c)
+    student = tb.build_classifier(nets[1], 10, c)
     kw = dict(n_neg=64, bank_size=256, ngf=8, nz=16) if quick else {}
     self.syn = tb.CMISynthesizer(teacher, student, shape, 10, (0.5,) * c, (0.25,) * c,
-                                 batch_size=batch, global_padding=4 if h == 32 else 2, **kw)
+                                 batch_size=batch, global_padding=4 if h == 32 else 2,
+                                 feature_layers=TORCH_FEATURE_LAYERS.get(nets[0]), **kw)
     self.syn.fill_bank(self.syn.n_neg)
 
   def run(self, n):
@@ -272,10 +298,10 @@ class _TorchSynthesis:
 
 
 class _TorchKD:
-  def __init__(self, tb, torch, shape, batch, quick):
+  def __init__(self, tb, torch, shape, batch, quick, nets=(TEACHER, STUDENT)):
     h, w, c = shape
-    teacher = tb.build_classifier(TEACHER, 10, c)
-    student = tb.build_classifier(STUDENT, 10, c)
+    teacher = tb.build_classifier(nets[0], 10, c)
+    student = tb.build_classifier(nets[1], 10, c)
     n = 4 * batch if quick else 4096
     pool = torch.randint(0, 256, (n, c, h, w), dtype=torch.uint8)
     self.kd = tb.KDTrainer(teacher, student, pool, (0.5,) * c, (0.25,) * c, batch_size=batch)
@@ -291,15 +317,20 @@ def _timed(fn, n) -> float:
 
 
 def bench(name: str, shape, batch: int, long: int, short: int, repeats: int, quick: bool,
-          use_torch: bool, profile: bool) -> dict:
+          use_torch: bool, profile: bool, nets=(TEACHER, STUDENT)) -> dict:
   is_kd = 'kd' in name
   load_start = os.getloadavg()[0]  # contention on a shared machine: recorded with the row
   torch, tb = _torch() if use_torch else (None, None)
-  jx = (_JaxKD if is_kd else _JaxSynthesis)(shape, batch, long, short, quick)
+  jx = (_JaxKD if is_kd else _JaxSynthesis)(shape, batch, long, short, quick, nets)
   tr = None
   if tb is not None:
-    tr = _TorchKD(tb, torch, shape, batch, quick) if is_kd else _TorchSynthesis(tb, shape,
-                                                                                 batch, quick)
+    tr = (_TorchKD(tb, torch, shape, batch, quick, nets) if is_kd
+          else _TorchSynthesis(tb, shape, batch, quick, nets))
+    if not is_kd:  # both sides must build the same contrastive features
+      d_jax = jx.state.bank.data.shape[-1] // 2
+      if tr.syn.bank.shape[1] // 2 != d_jax:
+        raise ValueError(f'{name}: feature width cmi_jax {d_jax} vs torch '
+                         f'{tr.syn.bank.shape[1] // 2}; set TORCH_FEATURE_LAYERS[{nets[0]!r}].')
   sides = {'jax': jx} if tr is None else {'jax': jx, 'torch': tr}
   for side in sides.values():  # warm up (first calls allocate, torch builds its caches)
     side.run(short)
@@ -309,6 +340,7 @@ def bench(name: str, shape, batch: int, long: int, short: int, repeats: int, qui
       for n in (long, short):
         times[s][n].append(_timed(side.run, n))
   row = {'setting': name, 'kind': 'kd_step' if is_kd else 'synthesis_iteration',
+         'teacher': nets[0], 'student': nets[1], 'env': _env(torch),
          'image_shape': list(shape), 'batch_size': batch, 'long': long, 'short': short,
          'repeats': repeats, 'jax_compile_s': {str(k): v for k, v in jx.compile_s.items()},
          'date': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
@@ -332,6 +364,15 @@ def _fmt(row) -> str:
     frac = row['profile']['fraction']
     line += '  [' + ' '.join(f'{k} {100 * v:.0f}%' for k, v in frac.items()) + ']'
   return line
+
+
+def _env(torch) -> dict:
+  """Where one row ran: the interpreter and versions (rows are merged across runs)."""
+  out = {'python': sys.executable, 'python_version': platform.python_version(),
+         'jax': jax.__version__}
+  if torch is not None:
+    out.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+  return out
 
 
 def versions(torch) -> dict:
@@ -361,9 +402,12 @@ def main(argv: Optional[List[str]] = None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--quick', action='store_true', help='tiny settings, seconds (smoke test)')
   ap.add_argument('--settings', default='', help=f'comma list of {sorted(SETTINGS)}')
+  ap.add_argument('--rows', default='wrn', choices=('wrn', 'zoo'),
+                  help=f'wrn: the wrn_16_2 -> wrn_16_1 settings; zoo: {sorted(ZOO)}')
   ap.add_argument('--repeats', type=int, default=3)
-  ap.add_argument('--long', type=int, default=12)
-  ap.add_argument('--short', type=int, default=2)
+  ap.add_argument('--long', type=int, default=None, help='12 (zoo rows: 3)')
+  ap.add_argument('--short', type=int, default=None, help='2 (zoo rows: 1)')
+  ap.add_argument('--torch_threads', type=int, default=2)
   ap.add_argument('--no_torch', action='store_true')
   ap.add_argument('--no_profile', action='store_true')
   ap.add_argument('--out', default=os.path.join(RESULTS, 'synthesis_speed.json'))
@@ -373,7 +417,10 @@ def main(argv: Optional[List[str]] = None):
     with open(args.out, encoding='utf-8') as f:
       print(markdown_table(json.load(f)))
     return None
-  table = QUICK if args.quick else SETTINGS
+  table = QUICK if args.quick else (ZOO if args.rows == 'zoo' else SETTINGS)
+  steps = ZOO_STEPS if args.rows == 'zoo' else (12, 2)
+  args.long = steps[0] if args.long is None else args.long
+  args.short = steps[1] if args.short is None else args.short
   names = [s for s in args.settings.split(',') if s] or list(table)
   for n in names:
     if n not in table:
@@ -386,11 +433,12 @@ def main(argv: Optional[List[str]] = None):
   if torch is not None:
     np.random.seed(0)
     torch.manual_seed(0)
+    torch.set_num_threads(args.torch_threads)
   rows = []
   for n in names:
-    shape, batch = table[n]
+    shape, batch, *nets = table[n]
     rows.append(bench(n, shape, batch, args.long, args.short, args.repeats, args.quick,
-                      torch is not None, not args.no_profile))
+                      torch is not None, not args.no_profile, tuple(nets) or (TEACHER, STUDENT)))
     print(_fmt(rows[-1]), flush=True)
   old = {}
   if os.path.exists(args.out) and not args.quick:
@@ -399,8 +447,10 @@ def main(argv: Optional[List[str]] = None):
     old = {r['setting']: r for r in prev.get('rows', []) if 'setting' in r}
   merged = {**old, **{r['setting']: r for r in rows}}
   result = {'benchmark': 'synthesis_speed', **machine_info(), **versions(torch),
-            'teacher': TEACHER, 'student': STUDENT,
-            'rows': [merged[k] for k in sorted(merged, key=lambda k: (k not in SETTINGS, k))]}
+            'teacher': TEACHER, 'student': STUDENT,  # rows with their own 'teacher' override
+            'note': "machine and versions above: the last run's; a row's 'env': where it ran",
+            'rows': [merged[k] for k in sorted(merged, key=lambda k: (k not in SETTINGS,
+                                                                   k not in ZOO, k))]}
   write_result(args.out, result)
   print(markdown_table(result))
   return result

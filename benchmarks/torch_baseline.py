@@ -33,9 +33,19 @@ import torch.nn.functional as F
 from benchmarks.torch_models import reference_nets
 
 
+REFERENCE_ARCHS = ('resnet18', 'resnet34', 'vgg11')  # + every wrn_d_k: benchmarks/torch_models
+
+
 def build_classifier(arch: str, num_classes: int, in_ch: int) -> torch.nn.Module:
-  classifier, _ = reference_nets()
-  return classifier(arch, num_classes, in_ch)
+  """The reference rebuild of `arch`: benchmarks/torch_models for the WRNs, resnet18/34
+  and vgg11, else the model zoo's torch twin (tests/torch_zoo.py; 3 input channels)."""
+  if arch.startswith('wrn') or arch in REFERENCE_ARCHS:
+    classifier, _ = reference_nets()
+    return classifier(arch, num_classes, in_ch)
+  from tests.torch_zoo import zoo_nets  # pylint: disable=import-outside-toplevel
+  if in_ch != 3:
+    raise ValueError(f'The torch twin of {arch} takes 3 input channels, got {in_ch}.')
+  return zoo_nets()(arch, num_classes)
 
 
 def _normalize(x, mean, std):
@@ -79,13 +89,27 @@ def resized_crop_flip(x: torch.Tensor, scale: Sequence[float] = (0.25, 1.0),
 
 
 class BNHooks:
-  """Forward hooks on every BN of a net: L_bn term and per-sample input means."""
+  """Forward hooks on every BN of a net: L_bn term and per-sample input means.
 
-  def __init__(self, net: torch.nn.Module):
+  feature_modules: modules whose inputs' per-sample means are the contrastive features
+  instead of every BN input's (the reference's choice for resnet34: layer1..layer4).
+  """
+
+  def __init__(self, net: torch.nn.Module, feature_modules=None):
     self.bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     self.r_feature = [None] * len(self.bns)
     self.instance_mean = [None] * len(self.bns)
     self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.bns)]
+    self.feature_modules = feature_modules
+    if feature_modules is not None:
+      self.module_mean = [None] * len(feature_modules)
+      self.handles += [m.register_forward_pre_hook(self._pre_hook(i))
+                       for i, m in enumerate(feature_modules)]
+
+  def _pre_hook(self, i):
+    def hook(_, inputs):
+      self.module_mean[i] = inputs[0].mean([2, 3])
+    return hook
 
   def _hook(self, i):
     def hook(module, inputs, _):
@@ -102,7 +126,8 @@ class BNHooks:
     return sum(self.r_feature)
 
   def features(self):
-    return torch.cat(self.instance_mean, dim=1)
+    return torch.cat(self.instance_mean if self.feature_modules is None else self.module_mean,
+                     dim=1)
 
 
 def _kl_per_sample(s_logits, t_logits, temperature):
@@ -116,20 +141,29 @@ class CMISynthesizer:
   def __init__(self, teacher, student, image_shape, num_classes, mean, std, batch_size=256,
                nz=256, ngf=64, n_neg=4096, bank_size=40960, head_dim=256, lr_g=1e-3,
                betas=(0.5, 0.999), weights=(1.0, 1.0, 0.5, 0.8), cr_temperature=0.1,
-               global_padding=4, local_scale=(0.25, 1.0), param_grads=True):
+               global_padding=4, local_scale=(0.25, 1.0), param_grads=True, feature_layers=None):
+    """feature_layers: names of teacher modules whose inputs are the contrastive features
+    (e.g. ('layer1', ..., 'layer4')); None: every BN input (the reference's default)."""
     h, w, c = image_shape
     _, generator = reference_nets()
     self.teacher, self.student = teacher.eval(), student.eval()
     for p in list(teacher.parameters()) + list(student.parameters()):
       p.requires_grad_(param_grads)
     self.generator = generator(nz, ngf, h, c, False)
-    self.hooks = BNHooks(teacher)
+    named = dict(teacher.named_modules())
+    self.hooks = BNHooks(teacher, None if feature_layers is None
+                         else [named[n] for n in feature_layers])
     self.image_shape, self.num_classes = image_shape, num_classes
     self.mean, self.std, self.b, self.nz = mean, std, batch_size, nz
     self.n_neg, self.lr_g, self.betas = n_neg, lr_g, betas
     self.bn_w, self.oh_w, self.adv_w, self.cr_w = weights
     self.cr_t, self.padding, self.local_scale = cr_temperature, global_padding, local_scale
-    d = sum(m.num_features for m in self.hooks.bns)
+    if feature_layers is None:
+      d = sum(m.num_features for m in self.hooks.bns)
+    else:
+      with torch.no_grad():
+        teacher(torch.zeros((1, c, h, w)))
+      d = self.hooks.features().shape[1]
     self.head = torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.ReLU(),
                                     torch.nn.Linear(d, head_dim))
     self.opt_head = torch.optim.Adam(self.head.parameters(), lr=lr_g)

@@ -8,7 +8,7 @@ XLA:CPU runs a depthwise `conv_general_dilated` far below memory speed (measured
 benchmarks/grouped_conv_speed.py), while a depthwise conv is only kh*kw shifted
 elementwise multiply-adds, which XLA fuses into one pass over the data; both
 gradients are the same kind of sums. Same products as XLA's conv, summed in
-float32 in another order (float32 rounding apart).
+float32 (float64 for float64 inputs) in another order (rounding apart).
 """
 
 import functools
@@ -48,12 +48,18 @@ def _pad_hw(x: jax.Array, pads: Sequence[Tuple[int, int]], interior: int = 0) ->
                  ((0, 0, 0), (t, b, interior), (l, r, interior), (0, 0, 0)))
 
 
+def _acc_dtype(dtype):
+  """float32 for float32 and narrower inputs, float64 for float64 (x64 mode)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def _shift_mac(xp: jax.Array, taps: jax.Array, ho: int, wo: int, stride: int) -> jax.Array:
-  """sum over taps (i, j) of window_ij(xp) * taps[i, j] in float32: taps [kh, kw, C]."""
+  """sum over taps (i, j) of window_ij(xp) * taps[i, j], at least in float32: taps [kh, kw, C]."""
   kh, kw = taps.shape[:2]
+  acc_t = _acc_dtype(xp.dtype)
   acc = None
   for t, w in enumerate(windows(xp, kh, kw, ho, wo, stride)):
-    term = w.astype(jnp.float32) * taps[t // kw, t % kw].astype(jnp.float32)
+    term = w.astype(acc_t) * taps[t // kw, t % kw].astype(acc_t)
     acc = term if acc is None else acc + term
   return acc
 
@@ -87,8 +93,9 @@ def _depthwise_bwd(stride, padding, res, g):
     dx = _shift_mac(gd, jnp.flip(kernel[:, :, 0], (0, 1)), x.shape[1], x.shape[2], 1)
   with jax.named_scope('conv_filter_grad'):
     xp = _pad_hw(x, [(padding, padding)] * 2)
-    gf = g.astype(jnp.float32)
-    dk = jnp.stack([jnp.sum(w.astype(jnp.float32) * gf, axis=(0, 1, 2))
+    acc_t = _acc_dtype(g.dtype)
+    gf = g.astype(acc_t)
+    dk = jnp.stack([jnp.sum(w.astype(acc_t) * gf, axis=(0, 1, 2))
                     for w in windows(xp, kh, kw, g.shape[1], g.shape[2], stride)])
   return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
 
