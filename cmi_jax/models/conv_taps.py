@@ -3,8 +3,9 @@
 `windows` and `input_grad_pads` serve every explicit-gradient conv of
 `cmi_jax.models.layers`. `depthwise_conv2d` is the CPU path of a depthwise conv
 (PyTorch groups == C_in == C_out, MobileNetV2's and ShuffleNetV2's 3x3 convs):
-XLA:CPU runs a depthwise `conv_general_dilated` far below memory speed (measured
-4-25x slower than this for the forward, 5-20x with both gradients,
+XLA:CPU runs a depthwise `conv_general_dilated` far below memory speed (measured on
+MobileNetV2's and ShuffleNetV2's shapes, jax 0.12: 2-50x slower than this for the
+forward, 12-50x with both gradients, 17x and more inside a scan;
 benchmarks/grouped_conv_speed.py), while a depthwise conv is only kh*kw shifted
 elementwise multiply-adds, which XLA fuses into one pass over the data; both
 gradients are the same kind of sums. Same products as XLA's conv, summed in
