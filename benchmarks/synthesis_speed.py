@@ -3,7 +3,7 @@
   python -m benchmarks.synthesis_speed                      # every setting (~30 min, 2 cores)
   python -m benchmarks.synthesis_speed --settings=32x32x3_b64,kd_b128
   python -m benchmarks.synthesis_speed --quick              # seconds-long smoke run
-  python -m benchmarks.synthesis_speed --rows=zoo           # the model-zoo rows (~25 min)
+  python -m benchmarks.synthesis_speed --rows=zoo           # the model-zoo rows (~35 min, loaded 2 cores)
 
 Teacher wrn_16_2 -> student wrn_16_1, random weights, the memory bank holding
 n_neg=4096 negatives. Both implementations run in ONE process, interleaved
