@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from benchmarks.torch_models import reference_nets
 
 
-def build_classifier(arch: str, num_classes: int, in_ch: int) -> torch.nn.Module:
-  classifier, _ = reference_nets()
+def build_classifier(arch: str, num_classes: int, in_ch: int,
+                     inplace: bool = False) -> torch.nn.Module:
+  classifier, _ = reference_nets(inplace)
   return classifier(arch, num_classes, in_ch)
 
 
@@ -116,9 +117,9 @@ class CMISynthesizer:
   def __init__(self, teacher, student, image_shape, num_classes, mean, std, batch_size=256,
                nz=256, ngf=64, n_neg=4096, bank_size=40960, head_dim=256, lr_g=1e-3,
                betas=(0.5, 0.999), weights=(1.0, 1.0, 0.5, 0.8), cr_temperature=0.1,
-               global_padding=4, local_scale=(0.25, 1.0), param_grads=True):
+               global_padding=4, local_scale=(0.25, 1.0), param_grads=True, inplace=False):
     h, w, c = image_shape
-    _, generator = reference_nets()
+    _, generator = reference_nets(inplace)
     self.teacher, self.student = teacher.eval(), student.eval()
     for p in list(teacher.parameters()) + list(student.parameters()):
       p.requires_grad_(param_grads)
