@@ -133,7 +133,8 @@ def load_transfer(cfg, info: data.DatasetInfo) -> data.TransferSet:
     if images.shape[3] != info.image_shape[2]:
       raise data.DataMismatchError(
           f'{d.transfer} images have {images.shape[3]} channel(s), but the teacher takes '
-          f'{info.image_shape[2]}: choose a transfer set with {info.image_shape[2]}-channel images.')
+          f'{info.image_shape[2]}: choose a transfer set with {info.image_shape[2]}-channel '
+          'images.')
     if images.shape[1:3] != info.image_shape[:2]:
       if not d.resize:
         raise data.DataMismatchError(
