@@ -1,4 +1,4 @@
-"""The train-mode BatchNorm's own VJP (layers.batch_norm_train): values and every
+"""The train-mode BatchNorm's own VJP (norm_ops.batch_norm_train): values and every
 gradient against a float64 numpy derivation and against PyTorch's BatchNorm2d."""
 
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cmi_jax.models import layers
+from cmi_jax.models import layers, norm_ops
 
 
 def _data(seed=0, shape=(4, 5, 6, 3), offset=(0.5, -2.0, 40.0), spread=(1.0, 3.0, 0.5)):
@@ -45,10 +45,10 @@ def test_batch_norm_train_values_and_gradients_match_float64(offset):
   (y64, m64, v64), grads64 = _numpy_grads(x, scale, bias, w, wm, wv)
 
   def objective(x, scale, bias):
-    y, m, v = layers.batch_norm_train(x, scale, bias, 1e-5)
+    y, m, v = norm_ops.batch_norm_train(x, scale, bias, 1e-5)
     return jnp.sum(w * y) + jnp.sum(wm * m) + jnp.sum(wv * v)
 
-  y, m, v = layers.batch_norm_train(jnp.asarray(x), scale, bias, 1e-5)
+  y, m, v = norm_ops.batch_norm_train(jnp.asarray(x), scale, bias, 1e-5)
   np.testing.assert_allclose(m, m64, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(v, v64, rtol=1e-5)
   np.testing.assert_allclose(y, y64, rtol=1e-5, atol=1e-5)
@@ -122,12 +122,12 @@ def test_sample_moments_values_and_gradient_match_float64(offset):
   rng = np.random.default_rng(3)
   x = (rng.normal(size=(3, 5, 7, 4)) * [1.0, 0.2, 2.0, 0.5] + offset).astype(np.float32)
   gm, gv = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
-  m, v = layers.sample_moments(jnp.asarray(x))
+  m, v = norm_ops.sample_moments(jnp.asarray(x))
   x64 = x.astype(np.float64)
   m64, v64 = x64.mean((1, 2)), x64.var((1, 2))
   np.testing.assert_allclose(m, m64, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(v, v64, rtol=2e-5)
-  grad = jax.grad(lambda x: jnp.sum(layers.sample_moments(x)[0] * gm)
-                  + jnp.sum(layers.sample_moments(x)[1] * gv))(jnp.asarray(x))
+  grad = jax.grad(lambda x: jnp.sum(norm_ops.sample_moments(x)[0] * gm)
+                  + jnp.sum(norm_ops.sample_moments(x)[1] * gv))(jnp.asarray(x))
   want = (gm[:, None, None, :] + 2.0 * gv[:, None, None, :] * (x64 - m64[:, None, None, :])) / 35
   np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-6)
