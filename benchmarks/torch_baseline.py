@@ -36,11 +36,12 @@ from benchmarks.torch_models import reference_nets
 REFERENCE_ARCHS = ('resnet18', 'resnet34', 'vgg11')  # + every wrn_d_k: benchmarks/torch_models
 
 
-def build_classifier(arch: str, num_classes: int, in_ch: int) -> torch.nn.Module:
+def build_classifier(arch: str, num_classes: int, in_ch: int,
+                     inplace: bool = False) -> torch.nn.Module:
   """The reference rebuild of `arch`: benchmarks/torch_models for the WRNs, resnet18/34
   and vgg11, else the model zoo's torch twin (tests/torch_zoo.py; 3 input channels)."""
   if arch.startswith('wrn') or arch in REFERENCE_ARCHS:
-    classifier, _ = reference_nets()
+    classifier, _ = reference_nets(inplace)
     return classifier(arch, num_classes, in_ch)
   from tests.torch_zoo import zoo_nets  # pylint: disable=import-outside-toplevel
   if in_ch != 3:
@@ -141,11 +142,12 @@ class CMISynthesizer:
   def __init__(self, teacher, student, image_shape, num_classes, mean, std, batch_size=256,
                nz=256, ngf=64, n_neg=4096, bank_size=40960, head_dim=256, lr_g=1e-3,
                betas=(0.5, 0.999), weights=(1.0, 1.0, 0.5, 0.8), cr_temperature=0.1,
-               global_padding=4, local_scale=(0.25, 1.0), param_grads=True, feature_layers=None):
+               global_padding=4, local_scale=(0.25, 1.0), param_grads=True, inplace=False,
+               feature_layers=None):
     """feature_layers: names of teacher modules whose inputs are the contrastive features
     (e.g. ('layer1', ..., 'layer4')); None: every BN input (the reference's default)."""
     h, w, c = image_shape
-    _, generator = reference_nets()
+    _, generator = reference_nets(inplace)
     self.teacher, self.student = teacher.eval(), student.eval()
     for p in list(teacher.parameters()) + list(student.parameters()):
       p.requires_grad_(param_grads)

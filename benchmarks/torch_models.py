@@ -12,10 +12,16 @@ import functools
 
 
 @functools.lru_cache(maxsize=None)
-def reference_nets():
-  """(classifier(arch, num_classes, in_ch) -> nn.Module, Generator class)."""
+def reference_nets(inplace: bool = False):
+  """(classifier(arch, num_classes, in_ch) -> nn.Module, Generator class).
+
+  inplace: the WRN's ReLUs and the generator's LeakyReLUs in place (the reference
+  code's `nn.ReLU(inplace=True)` / `nn.LeakyReLU(0.2, inplace=True)`): same values,
+  fewer fresh activation buffers (`benchmarks/baseline_audit.py` measures the effect).
+  """
   import torch  # pylint: disable=import-outside-toplevel
   tnn, functional = torch.nn, torch.nn.functional
+  relu = functional.relu_ if inplace else functional.relu
 
   class WRNBlock(tnn.Module):
     def __init__(self, cin, cout, stride):
@@ -28,8 +34,8 @@ def reference_nets():
                                                               bias=False)
 
     def forward(self, x):
-      o = functional.relu(self.bn1(x))
-      out = self.conv2(functional.relu(self.bn2(self.conv1(o))))
+      o = relu(self.bn1(x))
+      out = self.conv2(relu(self.bn2(self.conv1(o))))
       return (x if self.convShortcut is None else self.convShortcut(o)) + out
 
   class NetworkBlock(tnn.Module):
@@ -54,7 +60,7 @@ def reference_nets():
 
     def forward(self, x):
       x = self.block3(self.block2(self.block1(self.conv1(x))))
-      x = functional.adaptive_avg_pool2d(functional.relu(self.bn1(x)), 1)
+      x = functional.adaptive_avg_pool2d(relu(self.bn1(x)), 1)
       return self.fc(x.flatten(1))
 
   class ResBlock(tnn.Module):
@@ -121,9 +127,9 @@ def reference_nets():
       self.conv_blocks = tnn.Sequential(
           tnn.BatchNorm2d(self.width), tnn.Upsample(scale_factor=2),
           tnn.Conv2d(self.width, w1, 3, 1, 1, bias=False), tnn.BatchNorm2d(w1),
-          tnn.LeakyReLU(0.2), tnn.Upsample(scale_factor=2),
+          tnn.LeakyReLU(0.2, inplace=inplace), tnn.Upsample(scale_factor=2),
           tnn.Conv2d(w1, w1 // 2, 3, 1, 1, bias=False), tnn.BatchNorm2d(w1 // 2),
-          tnn.LeakyReLU(0.2), tnn.Conv2d(w1 // 2, nc, 3, 1, 1), tnn.Sigmoid())
+          tnn.LeakyReLU(0.2, inplace=inplace), tnn.Conv2d(w1 // 2, nc, 3, 1, 1), tnn.Sigmoid())
 
     def forward(self, z):
       out = self.l1(z.reshape(z.shape[0], -1))

@@ -2,6 +2,8 @@
 synthetic images) and the supervised step (teachers / students from scratch)
 share one update, `classifier_step`; the KD step's pmap shim (`pmap_kd_step`)
 and the multi-host evaluation (`evaluate_on_hosts`) sit beside their steps.
+KD batches come from the image pool (`kd_steps`; with pre-inverted images beside
+it: `PoolWithInit`) or from a transfer set held on device (`epoch_kd_steps`).
 """
 
 import dataclasses
@@ -13,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from flax import struct
 
 from cmi_jax import augment, parallel
 from cmi_jax.parallel import constrain
@@ -43,13 +47,21 @@ class KDConfig:
   mean: Tuple[float, ...] = (0.0,)
   std: Tuple[float, ...] = (1.0,)
   augment: bool = True
+  kd_weight: float = 1.0      # vanilla_kd.py's alpha: weight of the KD term
+  label_weight: float = 0.0   # ... and beta: CE on the images' labels (when given)
 
-  def objective(self, student_logits, teacher_logits):
+  def objective(self, student_logits, teacher_logits, labels=None):
     if self.loss == 'kl':
-      return kd_loss(student_logits, teacher_logits, self.temperature)
-    if self.loss == 'l1':
-      return jnp.mean(jnp.abs(student_logits - teacher_logits))
-    raise ValueError(f'kd.loss must be one of {KD_LOSSES}, got {self.loss!r}.')
+      loss = kd_loss(student_logits, teacher_logits, self.temperature)
+    elif self.loss == 'l1':
+      loss = jnp.mean(jnp.abs(student_logits - teacher_logits))
+    else:
+      raise ValueError(f'kd.loss must be one of {KD_LOSSES}, got {self.loss!r}.')
+    if self.kd_weight != 1.0:
+      loss = self.kd_weight * loss
+    if labels is not None and self.label_weight:  # DF:vanilla_kd.py:320-329
+      loss = loss + self.label_weight * supervised_loss(labels)(student_logits)
+    return loss
 
 
 def classifier_step(state: ClassifierState, x: jax.Array,
@@ -81,7 +93,8 @@ def classifier_step(state: ClassifierState, x: jax.Array,
 
 
 def kd_step(cfg: KDConfig, state: ClassifierState, teacher: Teacher, images: jax.Array,
-            rng: jax.Array, axis_name: Optional[str] = None
+            rng: jax.Array, axis_name: Optional[str] = None,
+            labels: Optional[jax.Array] = None
             ) -> Tuple[ClassifierState, Dict[str, jax.Array]]:
   """One KD step on a batch of images in [0, 1] (uint8 or float).
 
@@ -90,6 +103,8 @@ def kd_step(cfg: KDConfig, state: ClassifierState, teacher: Teacher, images: jax
   axis_name: only under pmap, where `images` is this device's slice of the
   global batch (see classifier_step); the augmentation is then drawn for the
   global batch and sliced, so pmap and mesh-jit see the same views.
+  labels: [B] class ids of the images (a labeled transfer set): the objective
+  adds cfg.label_weight x CE, and `label_accuracy` is reported.
   """
   x = augment.to_float(images)
   if cfg.augment:
@@ -104,20 +119,43 @@ def kd_step(cfg: KDConfig, state: ClassifierState, teacher: Teacher, images: jax
     x = augment.apply_warp(x, warp)
   x = augment.normalize(x, cfg.mean, cfg.std)
   t_logits = teacher(x, taps=False).logits
-  state, m = classifier_step(state, x, lambda s: cfg.objective(s, t_logits), axis_name)
+  state, m = classifier_step(state, x, lambda s: cfg.objective(s, t_logits, labels), axis_name)
   agree = jnp.mean(jnp.argmax(m['logits'], -1) == jnp.argmax(t_logits, -1))
   metrics = {'kd_loss': m['loss'], 'kd_agreement': 100.0 * agree}
+  if labels is not None:
+    metrics['label_accuracy'] = 100.0 * jnp.mean(jnp.argmax(m['logits'], -1) == labels)
   if axis_name is not None:
     metrics = jax.lax.pmean(metrics, axis_name)
   return state, metrics
 
 
+@struct.dataclass
+class PoolWithInit:
+  """The image pool plus a fixed set of pre-inverted images (the reference's
+  `--cmi_init`): KD draws from both, the bank never sees the init images."""
+  pool: RingBuffer
+  init: jax.Array   # [M, H, W, C] uint8, on device like the pool
+
+
+def union_sample(source: PoolWithInit, rng: jax.Array, k: int) -> jax.Array:
+  """k images drawn uniformly with replacement from the pool's filled slots and
+  the init images together: index i < count is pool slot i, else init image
+  i - count (DF:contrastive.py:342-356, ConcatDataset([pool, init]) shuffled)."""
+  count, n_init = source.pool.count, source.init.shape[0]
+  idx = jax.random.randint(rng, (k,), 0, count + n_init)
+  pool_images = source.pool.data['images']
+  from_pool = pool_images[jnp.minimum(idx, pool_images.shape[0] - 1)]
+  from_init = source.init[jnp.clip(idx - count, 0, n_init - 1)]
+  return jnp.where((idx < count)[:, None, None, None], from_pool, from_init)
+
+
 def kd_steps(cfg: KDConfig, state: ClassifierState, teacher: Teacher,
-             source: Union[RingBuffer, FreshSource], rng: jax.Array, num_steps: int,
-             data_sharding: Optional[Any] = None
+             source: Union[RingBuffer, PoolWithInit, FreshSource], rng: jax.Array,
+             num_steps: int, data_sharding: Optional[Any] = None
              ) -> Tuple[ClassifierState, Dict[str, jax.Array]]:
   """`num_steps` KD steps in one scan, on batches drawn on device from `source`:
-  the image pool (uniform over filled slots) or a generator (fresh samples).
+  the image pool (uniform over filled slots; with init images: uniform over
+  both) or a generator (fresh samples).
 
   Each step's key is fold_in(rng, student step), so a resumed run draws the same
   batches. Returns the new state and the metrics averaged over the steps.
@@ -127,11 +165,35 @@ def kd_steps(cfg: KDConfig, state: ClassifierState, teacher: Teacher,
     k_idx, k_aug = jax.random.split(key)
     if isinstance(source, RingBuffer):
       images = ring_sample(source, k_idx, cfg.batch_size)['images']
+    elif isinstance(source, PoolWithInit):
+      images = union_sample(source, k_idx, cfg.batch_size)
     else:
       images = gan_sample(source, k_idx, cfg.batch_size)
     return kd_step(cfg, state, teacher, constrain(images, data_sharding), k_aug)
 
   state, rows = jax.lax.scan(body, state, None, length=num_steps)
+  return state, jax.tree_util.tree_map(jnp.mean, rows)
+
+
+def epoch_kd_steps(cfg: KDConfig, state: ClassifierState, teacher: Teacher, images: jax.Array,
+                   labels: Optional[jax.Array], batch_idx: jax.Array, rng: jax.Array,
+                   data_sharding: Optional[Any] = None
+                   ) -> Tuple[ClassifierState, Dict[str, jax.Array]]:
+  """KD steps on a transfer set held on device, one per row of `batch_idx`
+  [n, B] (the caller's epoch shuffle; DF:vanilla_kd.py's loop), in one scan.
+
+  images: [N, H, W, C] uint8; labels: [N] class ids or None. Each step's
+  augmentation key is fold_in(rng, student step), so a resumed run repeats it.
+  Returns the new state and the metrics averaged over the steps.
+  """
+  chex.assert_rank(batch_idx, 2)
+
+  def body(state, idx):
+    x = constrain(images[idx], data_sharding)
+    y = None if labels is None else constrain(labels[idx], data_sharding)
+    return kd_step(cfg, state, teacher, x, jax.random.fold_in(rng, state.step), labels=y)
+
+  state, rows = jax.lax.scan(body, state, batch_idx)
   return state, jax.tree_util.tree_map(jnp.mean, rows)
 
 

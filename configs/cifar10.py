@@ -13,6 +13,15 @@ Defaults are the published hyperparameters (200 epochs x 400 KD steps, 200 gener
 steps per round): a multi-GPU-day job; expected student accuracy in the README table
 (CMI wrn40_2->wrn16_1: 90.01%). The teacher checkpoint is a reference .pth
 (converted on the fly) or a directory from experiments/convert_teacher.py.
+
+`,preinverted` is the authors' adversarial CMI script as published (90.01 %): 40 epochs
+of 2000 KD steps, oh 0.5, KD batches from the pool plus their ~50k pre-inverted images
+(kd.init_pool, default run/cmi-preinverted-wrn402, where their README extracts them):
+
+  python -m experiments.run --config=configs/cifar10.py:wrn40_2-wrn16_1,preinverted \
+      --config.kd.init_pool=run/cmi-preinverted-wrn402 \
+      --config.teacher.checkpoint=checkpoints/pretrained/cifar10_wrn_40_2.pth \
+      --config.data.dir=data/cifar10 --workdir=runs/c10_adv_cmi
 """
 
 from configs.common import make_dataset_config

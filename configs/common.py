@@ -86,12 +86,16 @@ def base_config(dataset: str, method: str = 'cmi'):
   # Student: SGD, cosine stepped per epoch (down to lr_min); each epoch runs
   # ep_steps // kd_steps rounds of (one synthesis call, kd_steps student steps).
   # pre_rounds: synthesis-only rounds first (two-stage recipe, FastDFKD's warm-up) with
-  # weights adv=pre_adv, oh=pre_oh.
+  # weights adv=pre_adv, oh=pre_oh. init_pool: a folder of images or a synthetic.npz
+  # (the reference's --cmi_init, e.g. the authors' pre-inverted set): KD batches are drawn
+  # uniformly from the pool plus these images (never the memory bank); init_resize:
+  # resize + center-crop init images of another size to the teacher's (else an error).
   c.kd = C(dict(
       batch_size=128, kd_steps=400, ep_steps=400, epochs=200, lr=0.1, lr_min=0.0, momentum=0.9,
       weight_decay=1e-4, temperature=20.0, loss='kl', mode='pool', augment=True,
       pre_rounds=0, pre_adv=0.0, pre_oh=1.0,
-      pre_loops=0))  # synthesis.g_loops of the pre-rounds (NAYER's gwp_loops; 0: the same)
+      pre_loops=0,  # synthesis.g_loops of the pre-rounds (NAYER's gwp_loops; 0: the same)
+      init_pool='', init_resize=False))
   # num_devices 0: all devices, along one 'data' axis. distributed: 'auto' initializes
   # jax.distributed when the environment asks (JAX_COORDINATOR_ADDRESS, CMI_JAX_DISTRIBUTED=1).
   c.mesh = C(dict(num_devices=0, distributed='auto'))
@@ -143,12 +147,24 @@ NAYER_DATASET = {
 }
 
 
+# The authors' adversarial CMI script on their pre-inverted folder (DF:scripts/cmi/
+# adv_cmi_cifar10_wrn402_wrn161.sh; reference-facts.md section 3, zoo-and-datasets.md 3.3):
+# 40 epochs of one round of 200 generator steps and 2000 KD steps, oh 0.5, KD batches
+# uniform over the pool plus the ~50k images of --cmi_init (kd.init_pool: the reference's
+# path; point it at your copy). The pool keeps all 40 x 256 synthesized images.
+PREINVERTED = {'kd': {'kd_steps': 2000, 'ep_steps': 2000, 'epochs': 40,
+                      'init_pool': 'run/cmi-preinverted-wrn402'},
+               'synthesis': {'pool_size': 40 * 256}}
+PREINVERTED_OH = 0.5
+
+
 def make_dataset_config(dataset: str, arg=None, rows=None, default_row='wrn40_2-wrn16_1'):
   """A dataset's config for one paper row (`rows`: name -> (teacher, student), default
   PAPER_ROWS), preset and optional quick variant."""
   rows = PAPER_ROWS if rows is None else rows
   a = parse_arg(arg, _positional='row', row=default_row, method='cmi', quick=False,
-                epochs=0)  # epochs: KD epochs, 0 = the method's (NAYER_100/200/300: 100/200/300)
+                epochs=0,  # epochs: KD epochs, 0 = the method's (NAYER_100/200/300: 100/200/300)
+                preinverted=False)  # PREINVERTED: adversarial CMI on a pre-inverted set
   if a['row'] not in rows:
     raise ValueError(f'Unknown row {a["row"]!r}; choose one of {sorted(rows)}.')
   teacher, student = rows[a['row']]
@@ -160,6 +176,13 @@ def make_dataset_config(dataset: str, arg=None, rows=None, default_row='wrn40_2-
   if c.synthesis.algorithm == 'fast':  # the row's own FastDFKD weights, warm-up included
     c.synthesis.weights.adv, c.synthesis.weights.oh = FAST_ROW_WEIGHTS[a['row']]
     c.kd.pre_adv, c.kd.pre_oh = FAST_ROW_WEIGHTS[a['row']]
+  if a['preinverted']:
+    if a['method'] != 'cmi':
+      raise ValueError(f'preinverted is the adversarial CMI script; it takes method=cmi, not '
+                       f'{a["method"]!r}.')
+    for sec, values in PREINVERTED.items():
+      c[sec].update(values)
+    c.synthesis.weights.oh = PREINVERTED_OH
   if a['epochs']:
     c.kd.epochs = a['epochs']
   if c.synthesis.algorithm == 'nayer':  # one setting for all of a dataset's rows

@@ -43,7 +43,10 @@ SAFE_ON_RESUME = {
     'data.eval_batch_size': 'evaluation batch size (same examples, same accuracy)',
     'mesh.*': 'device count and multi-host switch (the checkpoint restores onto any mesh)',
     'teacher.checkpoint': "the teacher's path (its content hash is compared instead)",
+    'kd.init_pool': "the init set's path (its content hash is compared instead)",
+    'data.transfer': "the transfer set's path (its content hash is compared instead)",
 }
+NO_INPUT = 'none'  # the content hash of an input a run does not use (an empty path)
 
 
 def _safe(field: str, old: Any, new: Any) -> bool:
@@ -95,9 +98,22 @@ def has_checkpoint(workdir: str) -> bool:
   return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
 
 
-def check_resume(cfg, workdir: str, teacher_sha: str, write: bool = True) -> None:
-  """Refuses to continue a workdir's checkpoint with another config or teacher;
-  then records this run's fingerprint (config + teacher hash)."""
+def input_hash(path: str) -> str:
+  """The content hash of a data input given by path (`kd.init_pool`,
+  `data.transfer`): NO_INPUT for '', 'dataset <name>' for a dataset name."""
+  if not path:
+    return NO_INPUT
+  return teacher_io.content_hash(path) if os.path.exists(path) else f'dataset {path}'
+
+
+def check_resume(cfg, workdir: str, teacher_sha: str, write: bool = True,
+                 inputs: Optional[Dict[str, str]] = None) -> None:
+  """Refuses to continue a workdir's checkpoint with another config, teacher or
+  input data; then records this run's fingerprint (config + content hashes).
+
+  inputs: config field -> content hash (`input_hash`) of the data it names, e.g.
+  {'kd.init_pool': ...}; compared like the teacher's (a fingerprint without a
+  field's hash counts as NO_INPUT)."""
   path = os.path.join(workdir, FINGERPRINT)
   new = cfg.to_dict()
   if has_checkpoint(workdir):
@@ -114,6 +130,12 @@ def check_resume(cfg, workdir: str, teacher_sha: str, write: bool = True) -> Non
       if old_sha is not None and old_sha != teacher_sha:
         diffs.append(f'teacher content (SHA-256 of {cfg.teacher.checkpoint}): '
                      f'{old_sha[:12]}... -> {teacher_sha[:12]}...')
+      saved_inputs = saved.get('input_sha256') or {}
+      for field, sha in sorted((inputs or {}).items()):
+        old = saved_inputs.get(field, NO_INPUT)
+        if old != sha:
+          diffs.append(f'{field} content (SHA-256 of {_field(cfg, field) or "nothing"}): '
+                       f'{old[:16]}... -> {sha[:16]}...')
       if diffs:
         what = (f'The workdir {os.path.abspath(workdir)} holds a run with another setting: '
                 + '; '.join(diffs) + '.')
@@ -130,9 +152,16 @@ def check_resume(cfg, workdir: str, teacher_sha: str, write: bool = True) -> Non
     tmp = path + '.tmp'
     with open(tmp, 'w', encoding='utf-8') as f:
       json.dump({'config': new, 'teacher_sha256': teacher_sha,
-                 'teacher_checkpoint': cfg.teacher.checkpoint}, f, indent=2, sort_keys=True,
+                 'teacher_checkpoint': cfg.teacher.checkpoint,
+                 'input_sha256': dict(inputs or {})}, f, indent=2, sort_keys=True,
                 default=str)
     os.replace(tmp, path)
+
+
+def _field(cfg, dotted: str) -> Any:
+  for part in dotted.split('.'):
+    cfg = cfg[part]
+  return cfg
 
 
 def is_finite_round(metrics: Dict[str, Any]) -> bool:

@@ -1,7 +1,10 @@
 """The run's inputs: the frozen teacher (directory, .pth, or 'random' for smoke
-tests) and the real test split used for evaluation (none: evaluation is off)."""
+tests), the real test split used for evaluation (none: evaluation is off) and
+the pre-inverted images KD draws from beside the pool (kd.init_pool)."""
 
 from typing import Optional
+
+import numpy as np
 
 import jax
 from absl import logging
@@ -43,3 +46,15 @@ def load_test_split(cfg) -> Optional[data.Split]:
   except data.DataNotFoundError as e:
     print(f'Evaluation is off: {e}')
     return None
+
+
+def load_init_pool(cfg, info: data.DatasetInfo) -> Optional[np.ndarray]:
+  """kd.init_pool's images [M, H, W, C] uint8 (a folder of images or a synthetic.npz,
+  checked against the teacher's input shape; labels are not used), or None."""
+  if not cfg.kd.init_pool:
+    return None
+  images = data.load_transfer_set(cfg.kd.init_pool, info.image_shape, info.num_classes,
+                                  cfg.kd.init_resize, '--config.kd.init_resize=True').images
+  print(f'KD draws from the synthesized pool plus the {len(images)} images of '
+        f'{cfg.kd.init_pool} (kd.init_pool; never entering the memory bank).')
+  return images

@@ -58,44 +58,47 @@ class StopSignal:
 
 
 
-def open_checkpoints(cfg, workdir: str, state: Any, total_rounds: int,
-                     cleanup: contextlib.ExitStack) -> Tuple[Checkpointer, Any, Dict[str, Any]]:
+def open_checkpoints(cfg, workdir: str, state: Any, total: int,
+                     cleanup: contextlib.ExitStack, unit: str = 'round'
+                     ) -> Tuple[Checkpointer, Any, Dict[str, Any]]:
   """The workdir's checkpointer (closed by `cleanup` on any exit, so the save in
   flight completes) and what to start from. Resume order: the workdir's latest
-  readable checkpoint, else the fresh `state` (round 0)."""
+  readable checkpoint, else the fresh `state` (meta[unit] = 0; unit: 'round' for
+  the data-free runner, 'step' for experiments/distill.py)."""
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.log.max_checkpoints,
                       async_save=cfg.log.async_checkpoints)
   cleanup.callback(ckpt.close)
-  meta = {'round': 0, 'history': [], 'teacher_accuracy': None}
+  meta = {unit: 0, 'history': [], 'teacher_accuracy': None}
   restored = ckpt.restore(abstract(state))
   if restored is not None:
     state, meta = restored
-    print(f'Resuming {workdir} after round {meta["round"]}/{total_rounds}.')
+    print(f'Resuming {workdir} after {unit} {meta[unit]}/{total}.')
   return ckpt, state, meta
 
 
-def stop_reason(cfg, stop_signal: StopSignal, rounds_this_session: int,
-                last: bool) -> Optional[str]:
-  """Why the run stops after this round ('signal', 'stop_after_rounds'), or None.
-  The last round never 'stops': the run ends."""
-  signalled = stop_signal.requested()  # a collective: every process asks every round
+def stop_reason(cfg, stop_signal: StopSignal, done_this_session: int,
+                last: bool, unit: str = 'round') -> Optional[str]:
+  """Why the run stops here ('signal', 'stop_after_<unit>s'), or None. The end
+  of the run never 'stops': the run ends. The limit is config.log.stop_after_<unit>s."""
+  signalled = stop_signal.requested()  # a collective: every process asks every time
   if last:
     return None
   if signalled:
     return 'signal'
-  if cfg.log.stop_after_rounds and rounds_this_session >= cfg.log.stop_after_rounds:
-    return 'stop_after_rounds'
+  limit = cfg.log[f'stop_after_{unit}s']
+  if limit and done_this_session >= limit:
+    return f'stop_after_{unit}s'
   return None
 
 
 def stopped(cfg, reason: str, stop_signal: StopSignal, ckpt: Checkpointer, workdir: str,
-            done: int, total: int) -> Dict[str, Any]:
+            done: int, total: int, unit: str = 'round') -> Dict[str, Any]:
   """The message and return value of a clean stop (the checkpoint is saved)."""
   if reason == 'signal':
-    print(f'Stopped by {stop_signal.received} after round {done}/{total}; '
+    print(f'Stopped by {stop_signal.received} after {unit} {done}/{total}; '
           f'checkpoint saved in {ckpt.directory}. Run the same command again to resume.')
-    return {'stopped_at_round': done, 'workdir': os.path.abspath(workdir),
+    return {f'stopped_at_{unit}': done, 'workdir': os.path.abspath(workdir),
             'signal': stop_signal.received}
-  print(f'Stopping after {cfg.log.stop_after_rounds} round(s) as log.stop_after_rounds asks; '
-        'run the same command again to continue.')
-  return {'stopped_at_round': done, 'workdir': os.path.abspath(workdir)}
+  print(f'Stopping after {cfg.log[f"stop_after_{unit}s"]} {unit}(s) as '
+        f'log.stop_after_{unit}s asks; run the same command again to continue.')
+  return {f'stopped_at_{unit}': done, 'workdir': os.path.abspath(workdir)}

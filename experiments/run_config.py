@@ -11,7 +11,7 @@ from absl import logging
 
 from cmi_jax import classifiers, data, distill, models
 from cmi_jax.errors import ConfigError
-from cmi_jax.state import cosine_per_epoch, sgd
+from cmi_jax.state import cosine_per_epoch, multistep_per_epoch, sgd
 from cmi_jax.synthesis import presets
 from cmi_jax.synthesis.config import LossWeights, SynthesisConfig
 
@@ -68,6 +68,11 @@ def _validate(cfg) -> None:
       ('log.checkpoint_every_rounds', cfg.log.checkpoint_every_rounds,
        cfg.log.checkpoint_every_rounds >= 1, 'must be >= 1'),
       ('log.every_kd_steps', cfg.log.every_kd_steps, cfg.log.every_kd_steps >= 1, 'must be >= 1'),
+      ('kd.init_pool', k.init_pool, not k.init_pool or os.path.exists(k.init_pool),
+       f'no such file or directory (looked in {os.getcwd()}); give a folder of images (e.g. '
+       'the extracted cmi-preinverted-wrn402/) or a synthetic.npz'),
+      ('kd.init_pool', k.init_pool, not k.init_pool or k.mode == 'pool',
+       "init images join the image pool: they need kd.mode='pool' (not a GAN baseline)"),
   ]:
     if not ok:
       bad(field, value, must)
@@ -189,3 +194,25 @@ def make_plan(cfg) -> Plan:
   """The schedule's counts from config.kd."""
   return Plan(cfg.kd.pre_rounds, cfg.kd.ep_steps // cfg.kd.kd_steps, cfg.kd.epochs,
               cfg.kd.kd_steps)
+
+
+SCHEDULES = ('cosine', 'multistep')
+
+
+def epoch_schedule(section, steps_per_epoch: int, total_steps: int, name: str):
+  """The learning rate per step of a classifier trained in epochs over a fixed set
+  (experiments/train_teacher.py's `train`, experiments/distill.py's `kd` section).
+
+  section.schedule 'cosine' (the default): cosine decay over all steps, per step
+  (configs/teacher_fashion_mnist.py). 'multistep' (the reference's train_scratch.py
+  and vanilla_kd.py): lr x section.gamma at each epoch in section.milestones.
+  `name` is the section's name in the error.
+  """
+  import optax  # pylint: disable=g-import-not-at-top
+  kind = section.get('schedule', 'cosine')
+  if kind == 'cosine':
+    return optax.cosine_decay_schedule(section.lr, total_steps)
+  if kind == 'multistep':
+    return multistep_per_epoch(section.lr, tuple(section.milestones), section.gamma,
+                               steps_per_epoch)
+  raise ValueError(f'{name}.schedule={kind!r} is invalid: must be one of {SCHEDULES}.')

@@ -24,7 +24,7 @@ from cmi_jax.synthesis.round_kit import check_teacher
 from cmi_jax.synthesis.config import SynthesisConfig
 from cmi_jax.teacher import Teacher
 from experiments import evaluation, guard, resume, summary
-from experiments.inputs import load_teacher, load_test_split
+from experiments.inputs import load_init_pool, load_teacher, load_test_split
 from experiments.plan import compile_plan
 from experiments.resume import StopSignal
 from experiments.run_config import (Plan, dataset_info, kd_config, make_plan,
@@ -53,6 +53,7 @@ class Session:
   ckpt: Checkpointer
   keys: Dict[str, jax.Array]   # 'synthesis', 'pre_synthesis', 'kd' streams
   preview: Optional[Callable]  # GAN baselines: fresh samples for the grids
+  init: Optional[jax.Array] = None  # kd.init_pool's images [M, H, W, C] uint8 (replicated)
 
   @property
   def fresh(self) -> bool:
@@ -76,11 +77,13 @@ def _setup(cfg, workdir: str, cleanup: contextlib.ExitStack):
   # another config's or teacher's run (experiments/guard.py).
   guard.check_workdir(workdir)
   guard.check_resume(cfg, workdir, guard.teacher_hash(cfg.teacher.checkpoint),
-                     write=parallel.is_main_process())
+                     write=parallel.is_main_process(),
+                     inputs={'kd.init_pool': guard.input_hash(cfg.kd.init_pool)})
   if jax.process_count() > 1 and cfg.mesh.num_devices not in (0, jax.device_count()):
     raise ConfigError(f'config.mesh.num_devices={cfg.mesh.num_devices} is invalid: a multi-host '
                       f'run uses all {jax.device_count()} devices; set 0.')
   info = dataset_info(cfg)
+  init = load_init_pool(cfg, info)  # checked against the teacher's input shape
   mesh = parallel.make_mesh(cfg.mesh.num_devices)
   synth = synthesis_config(cfg, info, cfg.synthesis.weights.to_dict())
   try:
@@ -91,6 +94,8 @@ def _setup(cfg, workdir: str, cleanup: contextlib.ExitStack):
   teacher = parallel.replicate(mesh, load_teacher(cfg, info, synth.compute_dtype))
   student_module = models.get(cfg.student.arch, info.num_classes, dtype=synth.compute_dtype)
   test = load_test_split(cfg)
+  if init is not None:
+    init = parallel.replicate(mesh, init)
   plan = make_plan(cfg)
   fresh = cfg.kd.mode == 'fresh'
 
@@ -122,7 +127,7 @@ def _setup(cfg, workdir: str, cleanup: contextlib.ExitStack):
   session = Session(cfg, workdir, info, synth, plan, teacher, student_module, test, fns,
                     distill.make_eval_fn(student_module.apply, info.mean, info.std), writer,
                     ckpt, {n: rng_stream(root, n) for n in ('synthesis', 'pre_synthesis', 'kd')},
-                    preview)
+                    preview, init)
   return session, state, meta
 
 
@@ -159,10 +164,16 @@ def _distill(s: Session, state, r: int, row: Dict[str, Any], bar) -> Any:
   """2. KD on the pool (or fresh samples) after the warm-up, in chunks of
   log.every_kd_steps for the progress bar (an empty pool: the round is skipped)."""
   cfg, plan = s.cfg, s.plan
-  if r >= plan.pre_rounds and (s.fresh or int(state['synth'].pool.count) > 0):
+  if r >= plan.pre_rounds and (s.fresh or s.init is not None
+                               or int(state['synth'].pool.count) > 0):
     bar.set_description(f'{cfg.method} round {r + 1}: KD')
     guard.phase('kd', r + 1)
-    source = gan.FreshSource(state['generator'], s.synth.nz) if s.fresh else state['synth'].pool
+    if s.fresh:
+      source = gan.FreshSource(state['generator'], s.synth.nz)
+    elif s.init is not None:  # uniform over pool + init images (the reference's --cmi_init)
+      source = distill.PoolWithInit(state['synth'].pool, s.init)
+    else:
+      source = state['synth'].pool
     kd_rows = []
     done = 0
     while done < plan.kd_steps:

@@ -23,7 +23,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
@@ -32,29 +31,17 @@ from cmi_jax import augment, data, models
 from cmi_jax.checkpoint import Checkpointer, abstract
 from cmi_jax.distill import classifier_step, evaluate, make_eval_fn, supervised_loss
 from cmi_jax.report import MetricWriter
-from cmi_jax.state import create_classifier_state, multistep_per_epoch, sgd
+from cmi_jax.state import create_classifier_state, sgd
+from experiments.run_config import epoch_schedule
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (checkpoints, metrics, teacher).')
 
 
-SCHEDULES = ('cosine', 'multistep')
-
-
 def lr_schedule(train_cfg, steps_per_epoch: int, total_steps: int):
-  """The learning rate per step from the config's train section.
-
-  train.schedule 'cosine' (the default; configs/teacher_fashion_mnist.py): cosine
-  decay over all steps, per step. 'multistep' (configs/teacher.py, the reference's
-  train_scratch.py): lr x train.gamma at each epoch in train.milestones.
-  """
-  kind = train_cfg.get('schedule', 'cosine')
-  if kind == 'cosine':
-    return optax.cosine_decay_schedule(train_cfg.lr, total_steps)
-  if kind == 'multistep':
-    return multistep_per_epoch(train_cfg.lr, tuple(train_cfg.milestones), train_cfg.gamma,
-                               steps_per_epoch)
-  raise ValueError(f'train.schedule={kind!r} is invalid: must be one of {SCHEDULES}.')
+  """The learning rate per step from the config's train section (run_config.epoch_schedule:
+  'cosine', the default, per step; 'multistep', the reference's train_scratch.py)."""
+  return epoch_schedule(train_cfg, steps_per_epoch, total_steps, 'train')
 
 
 def train(cfg, workdir: str) -> dict:

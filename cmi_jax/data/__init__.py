@@ -24,18 +24,20 @@ from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from cmi_jax.data import cifar, folders, idx, svhn
-from cmi_jax.data.base import (REPLACE, SPLITS, DataCorruptError, DataNotFoundError,
-                               DatasetInfo, Split)
+from cmi_jax.data.base import (REPLACE, SPLITS, DataCorruptError, DataMismatchError,
+                               DataNotFoundError, DatasetInfo, Split)
 from cmi_jax.data.cifar import load_cifar
 from cmi_jax.data.folders import (load_image_folder, load_imagenet, load_tiny_imagenet)
 from cmi_jax.data.idx import load_idx, read_idx
 from cmi_jax.data.images import FolderImages, resize_arrays
 from cmi_jax.data.svhn import load_svhn
 from cmi_jax.data.tfds import load_tfds
+from cmi_jax.data.transfer import TransferSet, load_transfer_set
 
 __all__ = [
     'DATASETS', 'LOADERS', 'OPTIONS', 'SPLITS', 'SHIPPED_DIR', 'DataCorruptError',
-    'DataNotFoundError', 'DatasetInfo', 'FolderImages', 'Split', 'batch_indices',
+    'DataMismatchError', 'DataNotFoundError', 'DatasetInfo', 'FolderImages', 'Split',
+    'TransferSet', 'batch_indices', 'load_transfer_set',
     'config_options', 'get_info', 'iter_batches', 'load', 'load_cifar', 'load_idx',
     'load_image_folder', 'load_imagenet', 'load_svhn', 'load_tfds', 'load_tiny_imagenet',
     'read_idx', 'shipped_dirs']

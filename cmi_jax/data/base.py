@@ -48,5 +48,10 @@ class DataCorruptError(DataNotFoundError):
   it rather than switching evaluation off: a damaged file must be replaced."""
 
 
+class DataMismatchError(UserError, ValueError):
+  """Data that do not fit the teacher (image size, channel count, class ids); the
+  message names the file, what it holds, what the teacher takes and the fix."""
+
+
 REPLACE = ('Replace the file with an intact copy (download it again or reinstall the '
            'package), or point data.dir at another folder.')
