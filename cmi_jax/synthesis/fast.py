@@ -37,6 +37,7 @@ initialized, as the reference's (only the fast copies run forward there).
 """
 
 import dataclasses
+import math
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
@@ -78,7 +79,7 @@ def torch_default_params(params: Dict[str, Any], rng: jax.Array) -> Dict[str, An
   fan_in = {}
   for path, leaf in leaves:
     if path[-1].key == 'kernel':
-      fan_in[tuple(p.key for p in path[:-1])] = int(jnp.prod(jnp.array(leaf.shape[:-1])))
+      fan_in[tuple(p.key for p in path[:-1])] = math.prod(leaf.shape[:-1])
   out = []
   for i, (path, leaf) in enumerate(leaves):
     layer, name = tuple(p.key for p in path[:-1]), path[-1].key
