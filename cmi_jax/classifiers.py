@@ -54,14 +54,22 @@ def _accepts(fn: Callable, name: str) -> bool:
   return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
 
 
-def get(arch: str, num_classes: int, dtype: Optional[Any] = None) -> nn.Module:
-  """An unbound classifier for a zoo name or a factory spec."""
+def get(arch: str, num_classes: int, dtype: Optional[Any] = None,
+        remat: bool = False) -> nn.Module:
+  """An unbound classifier for a zoo name or a factory spec (remat: its blocks under
+  nn.remat; a factory must then accept `remat`)."""
   if not is_factory_spec(arch):
-    return models.get(arch, num_classes, dtype=dtype)
+    return models.get(arch, num_classes, dtype=dtype, remat=remat)
   factory = resolve_factory(arch)
   kwargs: Dict[str, Any] = {'num_classes': num_classes}
   if dtype is not None and _accepts(factory, 'dtype'):
     kwargs['dtype'] = dtype
+  if remat:
+    if not _accepts(factory, 'remat'):
+      raise ValueError(f'arch={arch!r}: synthesis.remat=True, but the factory takes no '
+                       '`remat` argument; add one (wrap your blocks in nn.remat) or set '
+                       'synthesis.remat=False.')
+    kwargs['remat'] = True
   module = factory(**kwargs)
   if not isinstance(module, nn.Module):
     raise ValueError(f'arch={arch!r}: the factory returned a {type(module).__name__}, not a '

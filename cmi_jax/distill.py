@@ -44,6 +44,7 @@ class KDConfig:
   temperature: float = 20.0
   crop_padding: int = 4       # the dataset's standard augmentation on pool images
   flip: bool = True
+  crop_scale: Tuple[float, ...] = ()  # set: RandomResizedCrop(scale) + flip instead (ImageNet)
   mean: Tuple[float, ...] = (0.0,)
   std: Tuple[float, ...] = (1.0,)
   augment: bool = True
@@ -112,7 +113,10 @@ def kd_step(cfg: KDConfig, state: ClassifierState, teacher: Teacher, images: jax
     if axis_name is not None:
       offset = jax.lax.axis_index(axis_name) * n
       n = n * jax.lax.psum(1, axis_name)
-    warp = augment.crop_flip(rng, n, x.shape[1:3], cfg.crop_padding, cfg.flip)
+    if cfg.crop_scale:
+      warp = augment.resized_crop_flip(rng, n, x.shape[1:3], cfg.crop_scale, flip=cfg.flip)
+    else:
+      warp = augment.crop_flip(rng, n, x.shape[1:3], cfg.crop_padding, cfg.flip)
     if axis_name is not None:
       warp = jax.tree_util.tree_map(
           lambda a: jax.lax.dynamic_slice_in_dim(a, offset, x.shape[0]), warp)

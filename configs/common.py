@@ -68,11 +68,16 @@ def base_config(dataset: str, method: str = 'cmi'):
       synthesizer='generator', generator='cmi', reinit=True, nz=256, ngf=64, views='cmi',
       global_padding=-1,  # -1: the dataset's standard crop padding (4 for CIFAR)
       local_scale=(0.25, 1.0), jitter=-1, dtype='float32',  # jitter -1: size // 8
+      remat=False,  # nn.remat of the teacher's, student's and generator's blocks (ImageNet nets)
       algorithm='cmi',  # the round function (cmi_jax/synthesis/algorithms.py)
       # FastDFKD (algorithm 'fast'; see SynthesisConfig): inner lr of z, meta-Adam lr
       # (0: g_steps * lr_g), BN-EMA momentum, first round of L_adv (0-based, on device;
       # NAYER's too), round of the one-off reset_l0 (-1 never).
       lr_z=0.01, lr_meta=0.0, bn_mmt=0.9,
+      # FastDFKD's ImageNet choices (CIFAR's by default): 'fomaml' or 'reptile' meta step,
+      # rounds a latent lives (1: fresh each round), a fresh meta-Adam with each new
+      # latent, the 'best' or 'last' inner iterate into the pool.
+      meta_rule='fomaml', z_life=1, meta_reset=False, pool_iterate='best',
       # None: derived from kd.pre_rounds as the reference does (presets.warmup_rounds:
       # FastDFKD pre_rounds - 1 and 119 + pre_rounds, NAYER pre_rounds); set to override.
       adv_start_round=ml_collections.config_dict.placeholder(int),

@@ -30,7 +30,8 @@ def load_teacher(cfg, info: data.DatasetInfo, dtype) -> Teacher:
         input_shape=info.image_shape)
     del card
   # Rebuild with the compute dtype (params stay float32).
-  module = classifiers.get(cfg.teacher.arch, info.num_classes, dtype=dtype)
+  module = classifiers.get(cfg.teacher.arch, info.num_classes, dtype=dtype,
+                           remat=cfg.synthesis.remat)
   return Teacher(module, variables)
 
 

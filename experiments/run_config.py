@@ -186,7 +186,8 @@ def kd_config(cfg, info: data.DatasetInfo) -> distill.KDConfig:
   """The KD step's config; the GAN baselines (kd.mode 'fresh') do not augment."""
   return distill.KDConfig(batch_size=cfg.kd.batch_size, loss=cfg.kd.loss,
                           temperature=cfg.kd.temperature, crop_padding=info.crop_padding,
-                          flip=info.flip, mean=info.mean, std=info.std,
+                          flip=info.flip, crop_scale=info.crop_scale, mean=info.mean,
+                          std=info.std,
                           augment=cfg.kd.augment and cfg.kd.mode != 'fresh')
 
 

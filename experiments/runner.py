@@ -92,7 +92,8 @@ def _setup(cfg, workdir: str, cleanup: contextlib.ExitStack):
   except ValueError as e:
     raise ConfigError(str(e)) from e
   teacher = parallel.replicate(mesh, load_teacher(cfg, info, synth.compute_dtype))
-  student_module = models.get(cfg.student.arch, info.num_classes, dtype=synth.compute_dtype)
+  student_module = models.get(cfg.student.arch, info.num_classes, dtype=synth.compute_dtype,
+                              remat=synth.remat)
   test = load_test_split(cfg)
   if init is not None:
     init = parallel.replicate(mesh, init)

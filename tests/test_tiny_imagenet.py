@@ -41,7 +41,9 @@ def test_every_preset_builds_at_64(method):
   assert (s.image_shape, s.num_classes) == ((64, 64, 3), 200)
   assert (s.mean, s.std) == ((0.5,) * 3, (0.5,) * 3)
   # The two views: crop 64 pad 4 (hard-coded 4 in the reference) and RRC scale (0.25, 1).
-  assert (s.global_padding, s.local_scale) == (4, (0.25, 1.0))
+  # fast_imagenet's one view is its own RandomResizedCrop scale (0.75, 1).
+  scale = (0.75, 1.0) if method == 'fast_imagenet' else (0.25, 1.0)
+  assert (s.global_padding, s.local_scale) == (4, scale)
   quick = tiny_imagenet.get_config(f'method={method},quick')
   q = _synth(quick)
   assert q.image_shape == (64, 64, 3) and (q.batch_size, q.g_steps) == (8, 2)

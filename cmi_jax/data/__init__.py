@@ -80,10 +80,11 @@ DATASETS: Dict[str, DatasetInfo] = {
         'tiny_imagenet', (64, 64, 3), 200, _HALF, _HALF, 4, True, layout='tiny_imagenet',
         install_hint='extract tiny-imagenet-200.zip (http://cs231n.stanford.edu/'
                      'tiny-imagenet-200.zip) and point data.dir at the folder holding it'),
-    # Evaluated at Resize 256 + CenterCrop 224 (DF:registry.py:187-203).
+    # Evaluated at Resize 256 + CenterCrop 224, trained (and distilled) on RandomResizedCrop
+    # 224 (torchvision's scale (0.08, 1)) + flip (DF:registry.py:187-203).
     'imagenet': DatasetInfo(
         'imagenet', (224, 224, 3), 1000, _IMAGENET_MEAN, _IMAGENET_STD, 0, True,
-        layout='imagenet', eval_resize=256,
+        layout='imagenet', eval_resize=256, crop_scale=(0.08, 1.0),
         install_hint='put ILSVRC2012 train/ and val/ (one folder per wnid, as '
                      'torchvision.datasets.ImageNet leaves them) in data.dir'),
     # Size, classes, mean and std come from the config (data.image_size, data.mean,

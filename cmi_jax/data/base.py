@@ -31,6 +31,8 @@ class DatasetInfo:
   layout: str = ''                    # the 'files' loader: a key of cmi_jax.data.LOADERS
   eval_resize: int = 0                # folders: shorter side resized to this before the
                                       # center crop to image_shape (0: no larger than the crop)
+  crop_scale: Tuple[float, ...] = ()  # standard train augmentation RandomResizedCrop(scale)
+                                      # + flip instead of the padded crop (ImageNet)
 
 
 class Split(NamedTuple):

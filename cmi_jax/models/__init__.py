@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Optional
 
 import flax.linen as nn
 
-from cmi_jax.models.generator import Generator, NLGenerator
+from cmi_jax.models.generator import DeepGenerator, Generator, NLGenerator
 from cmi_jax.models.head import HEAD_KINDS, Head, l2_normalize
 from cmi_jax.models.layers import TAPS, BatchNorm, BNTap, Conv
 from cmi_jax.models.mobilenetv2 import MobileNetV2
@@ -70,15 +70,27 @@ def canonical_name(name: str) -> str:
   return ALIASES.get(name, name)
 
 
+# Nets whose blocks can run under nn.remat (jax.checkpoint): the ImageNet ones.
+REMAT = ('resnet18_imagenet', 'resnet34_imagenet', 'resnet50_imagenet', 'mobilenetv2',
+         'mobilenetv2_imagenet')
+
+
 def get(name: str, num_classes: int, dtype: Optional[Any] = None,
-        axis_name: Optional[str] = None) -> nn.Module:
+        axis_name: Optional[str] = None, remat: bool = False) -> nn.Module:
   """Builds a classifier by its reference name (e.g. 'wrn_40_2' or 'wrn40_2', 'resnet34',
-  'vgg11', 'resnet50_imagenet'); see CLASSIFIERS and ALIASES."""
+  'vgg11', 'resnet50_imagenet'); see CLASSIFIERS and ALIASES. remat: each residual
+  block under nn.remat (recomputed in the backward pass; the nets of REMAT)."""
   if name not in CLASSIFIERS:
     raise ValueError(f'Unknown architecture {name!r}; choose one of {sorted(CLASSIFIERS)}.')
   if num_classes < 2:
     raise ValueError(f'num_classes must be >= 2, got {num_classes}.')
-  return CLASSIFIERS[name](num_classes=num_classes, dtype=dtype, axis_name=axis_name)
+  if not remat:
+    return CLASSIFIERS[name](num_classes=num_classes, dtype=dtype, axis_name=axis_name)
+  if canonical_name(name) not in REMAT:
+    raise ValueError(f'remat (synthesis.remat=True) is implemented for {list(REMAT)}, not '
+                     f'{name!r}: set synthesis.remat=False for it.')
+  return CLASSIFIERS[name](num_classes=num_classes, dtype=dtype, axis_name=axis_name,
+                           remat=True)
 
 
 def init(module: nn.Module, rng, input_shape, **kwargs) -> Dict[str, Any]:
@@ -89,7 +101,7 @@ def init(module: nn.Module, rng, input_shape, **kwargs) -> Dict[str, Any]:
   return {k: v for k, v in variables.items() if k != TAPS}
 
 
-__all__ = ['init', 'ALIASES', 'CLASSIFIERS', 'FIXED_INPUT_SIZE', 'canonical_name', 'get',
+__all__ = ['init', 'ALIASES', 'REMAT', 'CLASSIFIERS', 'FIXED_INPUT_SIZE', 'canonical_name', 'get',
            'ImageNetResNet', 'MobileNetV2', 'ShuffleNetV2', 'TinyResNet',
-           'Generator', 'NLGenerator', 'Head', 'HEAD_KINDS', 'l2_normalize', 'TAPS',
+           'DeepGenerator', 'Generator', 'NLGenerator', 'Head', 'HEAD_KINDS', 'l2_normalize', 'TAPS',
            'BatchNorm', 'BNTap', 'Conv', 'ResNet', 'VGG', 'WideResNet']

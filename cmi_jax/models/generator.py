@@ -1,4 +1,5 @@
-"""The CMI generator, the larger GAN-baseline generator and NAYER's NLGenerator.
+"""The CMI generator, the larger GAN-baseline generator, FastDFKD's ImageNet
+DeepGenerator and NAYER's NLGenerator.
 
 `l1.0`: Linear(nz -> width * (S/4)^2), reshaped NCHW-style (so converted
 PyTorch weights give the same images); `conv_blocks`: 0 BN, up x2, 2 conv,
@@ -10,6 +11,14 @@ Initializers are the reference's per-round reset: conv/linear weights
 N(0, 0.02), biases 0, BN scale N(1, 0.02), BN bias 0. NLGenerator (NAYER) is
 built fresh by its reference (`NLGenerator.reinit`), so it takes PyTorch's
 default init instead (`torch_init=True` of the shared conv trunk).
+
+DeepGenerator (FastDFKD's ImageNet generator, zoo-and-datasets.md section 5) has
+no Linear: a spatial latent [B, S/16, S/16, nz] goes straight into five conv
+blocks, `block{i}` = the reference's `conv_blocks.{i}` conv (3x3, no bias) and
+`conv_blocks.{i+1}` BN, then LeakyReLU(0.2): block0 2ngf @S/16, then after an
+up x2 each block4 2ngf, block8 ngf, block12 ngf, block16 ngf (@S); `conv19`
+3x3 to nc with bias; sigmoid. The reference's unused `l1` Linear is left out
+(it never touches an image).
 """
 
 from typing import Any, Optional
@@ -100,6 +109,53 @@ class _Blocks(nn.Module):
     x = nn.leaky_relu(bn('7')(conv(w2, '6', upsample=True)(x), train), 0.2)
     x = conv(self.nc, '9', bias=True)(x)
     return nn.sigmoid(x.astype(jnp.float32))
+
+
+class DeepGenerator(nn.Module):
+  """x = G(z) in [0, 1]: [B, S/16, S/16, nz] -> [B, S, S, nc] (S = img_size).
+
+  remat: each conv block under `nn.remat` (its activations recomputed in the
+  backward pass instead of kept: less memory at 224 pixels, more compute).
+  """
+  nz: int = 256
+  ngf: int = 64
+  img_size: int = 224
+  nc: int = 3
+  dtype: Optional[Any] = None
+  axis_name: Optional[str] = None
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, z, train: bool = True):
+    s = self.img_size // 16
+    if self.img_size % 16 or z.shape[1:] != (s, s, self.nz):
+      raise ValueError(f'DeepGenerator(img_size={self.img_size}, nz={self.nz}) takes a latent '
+                       f'[B, {s}, {s}, {self.nz}] (img_size a multiple of 16); got '
+                       f'{tuple(z.shape)}.')
+    block = nn.remat(_DeepBlock, static_argnums=(2,)) if self.remat else _DeepBlock
+    x = z.astype(self.dtype or jnp.float32)
+    widths = (2 * self.ngf, 2 * self.ngf, self.ngf, self.ngf, self.ngf)
+    for i, w in enumerate(widths):
+      x = block(w, i > 0, self.dtype, self.axis_name, name=f'block{4 * i}')(x, train)
+    x = Conv(self.nc, 3, 1, 1, use_bias=True, dtype=self.dtype, kernel_init=_w_init,
+             name='conv19')(x)
+    return nn.sigmoid(x.astype(jnp.float32))
+
+
+class _DeepBlock(nn.Module):
+  """[up x2 ->] conv3x3 (no bias) -> BN -> LeakyReLU(0.2)."""
+  features: int
+  upsample: bool
+  dtype: Optional[Any] = None
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = Conv(self.features, 3, 1, 1, use_bias=False, dtype=self.dtype, upsample=self.upsample,
+             kernel_init=_w_init, name='conv')(x)
+    x = BatchNorm(dtype=self.dtype, axis_name=self.axis_name, scale_init=_bn_scale_init,
+                  name='bn')(x, train)
+    return nn.leaky_relu(x, 0.2)
 
 
 class NLGenerator(nn.Module):

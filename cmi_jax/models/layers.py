@@ -330,19 +330,22 @@ class BatchNorm(nn.Module):
 class BlockStack(nn.Module):
   """A PyTorch `nn.Sequential` of residual blocks: children '0', '1', ...; only
   the first strides. `block` is a module class called as
-  block(features, stride, dtype, axis_name, name=...)(x, train)."""
+  block(features, stride, dtype, axis_name, name=...)(x, train); remat runs each
+  block under nn.remat (same parameters and outputs, activations recomputed)."""
   block: Any
   num_blocks: int
   features: int
   stride: int
   dtype: Optional[Any] = None
   axis_name: Optional[str] = None
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
+    block = nn.remat(self.block, static_argnums=(2,)) if self.remat else self.block
     for i in range(self.num_blocks):
-      x = self.block(self.features, self.stride if i == 0 else 1, self.dtype,
-                     self.axis_name, name=str(i))(x, train)
+      x = block(self.features, self.stride if i == 0 else 1, self.dtype,
+                self.axis_name, name=str(i))(x, train)
     return x
 
 

@@ -86,15 +86,17 @@ class _Features(nn.Module):
   """`features`: children '0' (stem) .. '18' (1x1 to 1280)."""
   dtype: Optional[Any] = None
   axis_name: Optional[str] = None
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
     kw = dict(dtype=self.dtype, axis_name=self.axis_name)
     x = ConvBNReLU6(STEM, 3, 2, name='0', **kw)(x, train)
+    block = nn.remat(InvertedResidual, static_argnums=(2,)) if self.remat else InvertedResidual
     i = 1
     for t, c, n, s in SETTINGS:
       for j in range(n):
-        x = InvertedResidual(c, s if j == 0 else 1, t, name=str(i), **kw)(x, train)
+        x = block(c, s if j == 0 else 1, t, name=str(i), **kw)(x, train)
         i += 1
     return ConvBNReLU6(LAST, 1, name=str(i), **kw)(x, train)
 
@@ -118,10 +120,11 @@ class MobileNetV2(nn.Module):
   dropout_rate: float = 0.0
   dtype: Optional[Any] = None
   axis_name: Optional[str] = None
+  remat: bool = False  # each inverted residual under nn.remat (synthesis.remat)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = _Features(self.dtype, self.axis_name, name='features')(x, train)
+    x = _Features(self.dtype, self.axis_name, self.remat, name='features')(x, train)
     feat = global_avg_pool(x)
     self.sow(TAPS, 'penultimate', feat.astype(jnp.float32))
     return _Classifier(self.num_classes, self.dropout_rate, self.dtype,

@@ -29,6 +29,7 @@ class ImageNetResNet(nn.Module):
   num_classes: int = 1000
   dtype: Optional[Any] = None
   axis_name: Optional[str] = None
+  remat: bool = False  # each residual block under nn.remat (synthesis.remat)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -39,7 +40,7 @@ class ImageNetResNet(nn.Module):
                               shortcut_name='downsample')
     for k, (planes, stride) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2))):
       x = BlockStack(block, self.num_blocks[k], planes, stride, self.dtype, self.axis_name,
-                     name=f'layer{k + 1}')(x, train)
+                     self.remat, name=f'layer{k + 1}')(x, train)
     feat = global_avg_pool(x)
     self.sow(TAPS, 'penultimate', feat.astype(jnp.float32))
     return nn.Dense(self.num_classes, kernel_init=torch_default_init, dtype=self.dtype,

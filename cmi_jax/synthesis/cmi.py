@@ -93,7 +93,7 @@ def _init_trainables(cfg: _config.SynthesisConfig, rng: jax.Array):
   if cfg.synthesizer == 'pixels':
     # DeepInversion: pixels ~ N(0, 1) in normalized space.
     return {'pixels': jax.random.normal(k_z, (b,) + tuple(cfg.image_shape), jnp.float32)}, None
-  z = jax.random.normal(k_z, (b, cfg.nz), jnp.float32)
+  z = jax.random.normal(k_z, (b,) + cfg.latent_shape, jnp.float32)
   variables = cfg.make_generator().init(k_g, z)
   return {'generator': variables['params'], 'z': z}, variables['batch_stats']
 

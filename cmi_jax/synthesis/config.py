@@ -10,14 +10,18 @@ from typing import Tuple
 
 import jax.numpy as jnp
 
-from cmi_jax.models import Generator, Head
+from cmi_jax.models import DeepGenerator, Generator, Head
 from cmi_jax.synthesis import embeddings, losses
 from cmi_jax.teacher import FEATURE_LAYERS
 
 SYNTHESIZERS = ('generator', 'pixels')
-GENERATORS = ('cmi', 'large')
-VIEWS = ('cmi', 'jitter', 'crop')  # 'crop': the global view only (FastDFKD, NAYER)
+GENERATORS = ('cmi', 'large', 'deep')  # 'deep': FastDFKD's ImageNet DeepGenerator
+# 'crop': the global view only (FastDFKD, NAYER); 'resized': one RandomResizedCrop(local_scale)
+# + flip view (FastDFKD on ImageNet).
+VIEWS = ('cmi', 'jitter', 'crop', 'resized')
 OH_KINDS = ('targets', 'argmax')
+META_RULES = ('fomaml', 'reptile')
+POOL_ITERATES = ('best', 'last')
 # The round functions by name (the table is cmi_jax/synthesis/algorithms.py, which
 # imports every method; a test keeps the two equal, so this module imports none).
 ALGORITHM_NAMES = ('cmi', 'fast', 'nayer')
@@ -65,7 +69,9 @@ class SynthesisConfig:
   memory_budget_gb: float = 0.0
   pool_size: int = 51200      # 200 rounds x 256 (the reference keeps every image)
   synthesizer: str = 'generator'
-  generator: str = 'cmi'       # 'cmi' (2*ngf) or 'large' (4*ngf, GAN baselines)
+  # 'cmi' (2*ngf), 'large' (4*ngf, GAN baselines) or 'deep' (FastDFKD ImageNet: a spatial
+  # latent [S/16, S/16, nz] into five conv blocks, cmi_jax.models.DeepGenerator)
+  generator: str = 'cmi'
   reinit: bool = True          # re-initialize the generator every round (CMI)
   nz: int = 256
   ngf: int = 64
@@ -74,6 +80,10 @@ class SynthesisConfig:
   local_scale: Tuple[float, float] = (0.25, 1.0)
   jitter: int = -1            # max roll (px) of the 'jitter' views; -1: image size // 8
   dtype: str = 'float32'
+  # Rematerialization (jax.checkpoint via nn.remat) of the teacher's, the student's and the
+  # generator's blocks: activations recomputed in the backward pass (ImageNet nets and
+  # the DeepGenerator; benchmarks/imagenet_memory.py measures what it saves).
+  remat: bool = False
   # Which round function runs this config (cmi_jax.synthesis.algorithms.ALGORITHMS):
   # 'cmi' (CMI and the presets of the unified loss), further methods by name.
   algorithm: str = 'cmi'
@@ -90,6 +100,17 @@ class SynthesisConfig:
   bn_mmt: float = 0.9
   adv_start_round: int = 0
   reset_l0_round: int = -1
+  # The ImageNet recipe's choices (zoo-and-datasets.md section 5), CIFAR's by default:
+  # meta_rule 'fomaml' (g = sum of the K inner gradients) or 'reptile' (g = theta - theta'_K);
+  # z_life: rounds a latent lives: 1 draws z afresh every round (CIFAR); n > 1 keeps z in
+  # the state, trained by the inner Adam, and redraws it at the start of every 0-based
+  # round r with (r + 1) % n == 0 (the reference's `reinit`); meta_reset: a fresh meta-Adam
+  # whenever z is redrawn (ImageNet); pool_iterate: the pool takes the lowest-loss ('best')
+  # or the last inner iterate ('last', ImageNet).
+  meta_rule: str = 'fomaml'
+  z_life: int = 1
+  meta_reset: bool = False
+  pool_iterate: str = 'best'
   # The synthesis-only warm-up's length in rounds (the runner's kd.pre_rounds). NAYER
   # replaces its generator when (round - warmup_rounds) % g_life == 0 as well as when
   # round % g_life == 0 (the reference's rule); the runner derives adv_start_round and
@@ -120,6 +141,11 @@ class SynthesisConfig:
         ('generator', self.generator in GENERATORS, f'one of {GENERATORS}'),
         ('views', self.views in VIEWS, f'one of {VIEWS}'),
         ('oh_kind', self.oh_kind in OH_KINDS, f'one of {OH_KINDS}'),
+        ('meta_rule', self.meta_rule in META_RULES, f'one of {META_RULES}'),
+        ('pool_iterate', self.pool_iterate in POOL_ITERATES, f'one of {POOL_ITERATES}'),
+        ('z_life', self.z_life >= 1, '>= 1 (1: a fresh latent every round)'),
+        ('reset_l0_round', self.generator != 'deep' or self.reset_l0_round < 0,
+         "-1 with generator='deep' (the DeepGenerator has no first Linear to reset)"),
         ('adv_kind', self.adv_kind in losses.ADV_KINDS, f'one of {losses.ADV_KINDS}'),
         ('batch_size', self.batch_size >= 2, '>= 2'),
         ('g_steps', self.g_steps >= 1, '>= 1'),
@@ -140,8 +166,9 @@ class SynthesisConfig:
          "'classifier', 'penultimate', 'random', 'onehot' or a path ending in .npy"),
         ('dtype', self.dtype in ('float32', 'bfloat16'), "'float32' or 'bfloat16'"),
         ('image_shape', len(self.image_shape) == 3 and
-         (self.synthesizer == 'pixels' or self.image_shape[0] % 4 == 0 and
-          self.image_shape[1] % 4 == 0), 'H, W, C with H and W multiples of 4 for the generator'),
+         (self.synthesizer == 'pixels' or self.image_shape[0] % self.upsampling == 0 and
+          self.image_shape[1] % self.upsampling == 0),
+         f'H, W, C with H and W multiples of {self.upsampling} for the generator'),
         ('mean/std', len(self.mean) == len(self.std) == self.image_shape[2],
          f'one value per channel ({self.image_shape[2]})'),
     ]
@@ -155,8 +182,24 @@ class SynthesisConfig:
   def compute_dtype(self):
     return jnp.bfloat16 if self.dtype == 'bfloat16' else jnp.float32
 
-  def make_generator(self) -> Generator:
+  @property
+  def upsampling(self) -> int:
+    """The generator's total upsampling: image side / latent side (4; 16 for 'deep')."""
+    return 16 if self.generator == 'deep' else 4
+
+  @property
+  def latent_shape(self) -> Tuple[int, ...]:
+    """One latent's shape: (nz,), or (H/16, W/16, nz) for the DeepGenerator."""
+    if self.generator == 'deep':
+      h, w, _ = self.image_shape
+      return (h // 16, w // 16, self.nz)
+    return (self.nz,)
+
+  def make_generator(self):
     h, _, c = self.image_shape
+    if self.generator == 'deep':
+      return DeepGenerator(nz=self.nz, ngf=self.ngf, img_size=h, nc=c,
+                           dtype=self.compute_dtype, remat=self.remat)
     return Generator(nz=self.nz, ngf=self.ngf, img_size=h, nc=c,
                      large=self.generator == 'large', dtype=self.compute_dtype)
 

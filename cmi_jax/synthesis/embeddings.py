@@ -107,7 +107,7 @@ def label_embeddings(cfg: Any, teacher: Teacher, rng: jax.Array) -> jax.Array:
     def first_batch_means(teacher, rng):
       k_g, k_z = jax.random.split(rng)
       gen = cfg.make_generator()
-      z = jax.random.normal(k_z, (cfg.batch_size, cfg.nz), jnp.float32)
+      z = jax.random.normal(k_z, (cfg.batch_size,) + cfg.latent_shape, jnp.float32)
       x, _ = gen.apply(gen.init(k_g, z), z, train=True, mutable=['batch_stats'])
       x = augment.normalize(x.astype(jnp.float32), cfg.mean, cfg.std)
       return penultimate_means(teacher, x, c)

@@ -18,6 +18,15 @@ One round (`fast_round`, successor-methods.md section 1.1):
      included, where theta'_0 = theta), then one meta-Adam step on theta;
   6. the BN EMA from the last inner forward; 7. the lowest-loss (pre-update)
      iterate into the pool.
+The ImageNet recipe (zoo-and-datasets.md section 5; preset 'fast_imagenet') is
+the same round with four config choices: generator 'deep' (DeepGenerator, a
+spatial latent) and views 'resized' (RandomResizedCrop(local_scale) + flip);
+z_life > 1: z persists in the state, trained in place by each round's inner Adam
+(its Reptile difference is 0, so it gets no meta step) and is redrawn, with a
+fresh meta-Adam (meta_reset), every z_life rounds; meta_rule 'reptile': the meta
+gradient is theta - theta'_K; pool_iterate 'last': the last inner iterate (the
+final forward's images) goes into the pool. CIFAR's defaults (z_life 1,
+'fomaml', 'best') reproduce steps 2, 5 and 7 above.
 The whole round is one `lax.scan` inside one compiled call. A round with no
 finite step (or a non-finite meta-gradient) writes nothing: theta, the meta-Adam,
 the EMA and the pool keep their values (the round counter still advances, as CMI's).
@@ -28,6 +37,7 @@ initialized, as the reference's (only the fast copies run forward there).
 """
 
 import dataclasses
+import math
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
@@ -53,6 +63,7 @@ class FastState(struct.PyTreeNode):
   bn_ema: losses.BNEma    # EMA of the teacher's BN-input batch statistics
   pool: RingBuffer        # {'images': [pool_size, H, W, C] uint8, 'targets': [pool_size] int32}
   round: jax.Array        # int32 rounds done
+  z: jax.Array            # [B, *latent_shape] the latent (redrawn every z_life rounds)
 
 
 def meta_lr(cfg: SynthesisConfig) -> float:
@@ -68,7 +79,7 @@ def torch_default_params(params: Dict[str, Any], rng: jax.Array) -> Dict[str, An
   fan_in = {}
   for path, leaf in leaves:
     if path[-1].key == 'kernel':
-      fan_in[tuple(p.key for p in path[:-1])] = int(jnp.prod(jnp.array(leaf.shape[:-1])))
+      fan_in[tuple(p.key for p in path[:-1])] = math.prod(leaf.shape[:-1])
   out = []
   for i, (path, leaf) in enumerate(leaves):
     layer, name = tuple(p.key for p in path[:-1]), path[-1].key
@@ -92,7 +103,9 @@ def init_state(cfg: SynthesisConfig, teacher: Teacher, rng: jax.Array) -> FastSt
   gen = gen.replace(params=torch_default_params(gen.params, k_params))
   gen = gen.replace(opt_state=gen.tx.init(gen.params))
   taps = jax.eval_shape(lambda t: t(jnp.zeros((2,) + tuple(cfg.image_shape))), teacher).bn
-  return FastState(gen, losses.bn_ema_init(taps), init_pool(cfg), jnp.zeros((), jnp.int32))
+  z = jax.random.normal(jax.random.fold_in(rng, 1), (cfg.batch_size,) + cfg.latent_shape,
+                        jnp.float32)
+  return FastState(gen, losses.bn_ema_init(taps), init_pool(cfg), jnp.zeros((), jnp.int32), z)
 
 
 def reset_l0(params: Dict[str, Any], rng: jax.Array) -> Dict[str, Any]:
@@ -130,7 +143,7 @@ def round_keys(rng: jax.Array) -> Dict[str, jax.Array]:
 def make_loss_fn(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Teacher],
                  gen_stats: Any, ema: losses.BNEma, targets: jax.Array, adv_on: jax.Array,
                  data_sharding: Optional[Any] = None) -> Callable:
-  """loss_fn(fast, key) -> (L, aux) for fast = {'generator': params, 'z': [B, nz]}.
+  """loss_fn(fast, key) -> (L, aux) for fast = {'generator': params, 'z': [B, *latent]}.
 
   aux: 'best' (kept at the lowest loss: images, teacher logits and features),
   'last' (kept from the last step: the EMA updated with this forward's
@@ -167,12 +180,13 @@ def make_loss_fn(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Teach
 
 
 def inner_loop(loss_fn: Callable, opt: optax.GradientTransformation, fast0: Dict[str, Any],
-               keys: jax.Array):
+               keys: jax.Array, keep: str = 'best'):
   """K inner steps (one lax.scan, K = len(keys)) on fast = {'generator', 'z'}.
 
   Returns (fast_K, meta_grad, best, last, rows): meta_grad = sum over the finite
   steps of d L / d fast['generator'] at the pre-update iterate; best = {'loss',
-  'step', 'aux'} of the lowest-loss step (pre-update, NaN never kept); last =
+  'step', 'aux'} of the lowest-loss step (keep 'best') or of the last finite step
+  (keep 'last'), both pre-update, NaN never kept; last =
   aux['last'] of the last finite step; rows = per-step {'loss', ...aux['row']}.
   A non-finite step changes neither the iterate, the inner Adam nor meta_grad.
   """
@@ -187,7 +201,8 @@ def inner_loop(loss_fn: Callable, opt: optax.GradientTransformation, fast0: Dict
     updates, new_opt_state = opt.update(g, opt_state, fast)
     sel = lambda new, old: select(ok, new, old)
     new_acc = jax.tree_util.tree_map(jnp.add, acc, g['generator'])
-    best = track_best(best, {'loss': loss, 'step': i, 'aux': aux['best']})
+    cand = {'loss': loss, 'step': i, 'aux': aux['best']}
+    best = track_best(best, cand) if keep == 'best' else select(ok, cand, best)
     carry = (sel(optax.apply_updates(fast, updates), fast), sel(new_opt_state, opt_state),
              sel(new_acc, acc), best, sel(aux['last'], last), i + 1)
     return carry, {'loss': loss, **aux['row']}
@@ -216,23 +231,32 @@ def fast_round(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Teacher
     targets = jax.random.randint(keys['targets'], (b,), 0, cfg.num_classes)
   targets = constrain(targets, data_sharding)
   theta = state.gen.params
+  # A fresh latent (every round when z_life is 1) and, with it, a fresh meta-Adam.
+  redraw = (state.round + 1) % cfg.z_life == 0
+  z_new = jax.random.normal(keys['z'], (b,) + cfg.latent_shape, jnp.float32)
+  z = constrain(jnp.where(redraw, z_new, state.z), data_sharding)
+  meta = state.gen
+  if cfg.meta_reset:
+    meta = meta.replace(opt_state=select(redraw, meta.tx.init(theta), meta.opt_state))
   if cfg.reset_l0_round >= 0:
     theta = jax.tree_util.tree_map(lambda n, o: jnp.where(state.round == cfg.reset_l0_round, n, o),
                                    reset_l0(theta, keys['reset']), theta)
-  z = constrain(jax.random.normal(keys['z'], (b, cfg.nz), jnp.float32), data_sharding)
   adv_on = (state.round >= cfg.adv_start_round).astype(jnp.float32)
   loss_fn = make_loss_fn(cfg, teacher, student, state.gen.batch_stats, state.bn_ema, targets,
                          adv_on, data_sharding)
-  _, meta_grad, best, ema, rows = inner_loop(
+  fast_k, meta_grad, best, ema, rows = inner_loop(
       loss_fn, inner_optimizer(cfg), {'generator': theta, 'z': z},
-      jax.random.split(keys['steps'], cfg.g_steps))
+      jax.random.split(keys['steps'], cfg.g_steps), cfg.pool_iterate)
+  if cfg.meta_rule == 'reptile':  # theta - theta'_K, no scale (the reference's is_maml 0)
+    meta_grad = jax.tree_util.tree_map(jnp.subtract, theta, fast_k['generator'])
 
   ok = jnp.isfinite(best['loss']) & all_finite(meta_grad)
-  gen = state.gen.replace(params=theta).apply_gradients(grads=meta_grad)
+  gen = meta.replace(params=theta).apply_gradients(grads=meta_grad)
   keep = lambda new, old: select(ok, new, old)
   kept = best['aux']
   pool = ring_add(state.pool, {'images': to_uint8(kept['x']), 'targets': targets}, ok)
-  new_state = FastState(keep(gen, state.gen), keep(ema, state.bn_ema), pool, state.round + 1)
+  new_state = FastState(keep(gen, state.gen), keep(ema, state.bn_ema), pool, state.round + 1,
+                        keep(fast_k['z'], state.z))
   metrics = dict(rows)
   feats = kept['features']
   # diagnostics reads the second half of [local | global] features: only one view here.
@@ -241,6 +265,7 @@ def fast_round(cfg: SynthesisConfig, teacher: Teacher, student: Optional[Teacher
   metrics['best_loss'] = best['loss']
   metrics['best_step'] = best['step']
   metrics['adv_on'] = adv_on
+  metrics['z_redrawn'] = redraw.astype(jnp.float32)
   metrics['meta_grad_norm'] = jnp.sqrt(sum(jnp.sum(jnp.square(g))
                                          for g in jax.tree_util.tree_leaves(meta_grad)))
   return new_state, RoundOutput(kept['x'], targets, metrics)

@@ -25,7 +25,7 @@ from cmi_jax.teacher import Teacher
 def init_generator_state(cfg: SynthesisConfig, rng: jax.Array) -> ClassifierState:
   """The persistent generator (params, BN stats) with Adam(lr_g, betas)."""
   gen = cfg.make_generator()
-  variables = gen.init(rng, jnp.zeros((2, cfg.nz), jnp.float32))
+  variables = gen.init(rng, jnp.zeros((2,) + cfg.latent_shape, jnp.float32))
   return ClassifierState.create(apply_fn=gen.apply, params=variables['params'],
                                 batch_stats=variables['batch_stats'],
                                 tx=optax.adam(cfg.lr_g, b1=cfg.betas[0], b2=cfg.betas[1]))

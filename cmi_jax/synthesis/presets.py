@@ -20,6 +20,7 @@ Two-stage (Table 1 "adversarial"): a non-adversarial pre-inversion of a fixed se
 adversarial CMI with kd_steps 2000 (`kd.pre_rounds` rounds with adv 0 and no KD first).
 FastDFKD (fast2 / fast5 / fast10): algorithm 'fast' (cmi_jax/synthesis/fast.py), its own
 round function; loss, schedule and per-variant K / lr_g / lr_z from the authors' scripts.
+fast_imagenet: the same round with the ImageNet recipe's choices (the logged Fast-50 runs).
 """
 
 import dataclasses
@@ -118,6 +119,32 @@ FAST_VARIANTS = {'fast2': (2, 5e-3, 0.015), 'fast5': (5, 3e-3, 0.01), 'fast10': 
 for _name, (_k, _lr_g, _lr_z) in FAST_VARIANTS.items():
   PRESETS[_name] = _merge(FAST_COMMON, {'synthesis': {'g_steps': _k, 'lr_g': _lr_g,
                                                       'lr_z': _lr_z}})
+
+# FastDFKD on ImageNet, as the logged Fast-50 runs did it (zoo-and-datasets.md section 5;
+# FD:logs/log-imagenet-resnet50_imagenet-*-FastDFKD_50.txt, the r50 -> r50 row): the same
+# 'fast' round with the DeepGenerator (spatial latent 256 x 14 x 14), a persistent latent
+# redrawn with a fresh meta-Adam every 50 rounds, the Reptile meta step at lr_g_meta 1e-4,
+# RandomResizedCrop(224, scale (0.75, 1)) + flip, L_adv from the first round (no warm-up),
+# the last iterate into the pool; bn / oh / adv 0.1, K = 50 at lr_g 2e-4, lr_z 0.01, batch
+# 100; KD at T 5, SGD lr 0.1 cosine to 0 over 400 epochs of 10 rounds x 100 steps, on
+# ImageNet's RandomResizedCrop(224) + flip. The pool keeps all 400 x 10 x 100 = 400,000
+# images (60 GB of uint8 at 224: see the README on memory). The logs' init folder
+# (`cmi_init`) is not published: nothing stands in for it.
+PRESETS['fast_imagenet'] = {
+    'synthesis': {'algorithm': 'fast', 'synthesizer': 'generator', 'generator': 'deep',
+                  'reinit': True, 'views': 'resized', 'local_scale': (0.75, 1.0),
+                  'adv_kind': 'masked_kl', 'adv_temperature': 1.0, 'oh_kind': 'targets',
+                  'betas': (0.5, 0.999), 'nz': 256, 'ngf': 64, 'batch_size': 100,
+                  'g_steps': 50, 'lr_g': 2e-4, 'lr_z': 0.01, 'lr_meta': 1e-4, 'bn_mmt': 0.9,
+                  'meta_rule': 'reptile', 'z_life': 50, 'meta_reset': True,
+                  'pool_iterate': 'last', 'pool_size': 400 * 10 * 100,
+                  'adv_start_round': 0, 'reset_l0_round': -1,
+                  'weights': {'bn': 0.1, 'oh': 0.1, 'adv': 0.1, 'cr': 0.0,
+                              'balance': 0.0, 'act': 0.0, 'tv': 0.0}},
+    'kd': {'mode': 'pool', 'loss': 'kl', 'temperature': 5.0, 'batch_size': 100, 'lr': 0.1,
+           'lr_min': 0.0, 'epochs': 400, 'kd_steps': 100, 'ep_steps': 1000,
+           'pre_rounds': 0, 'pre_adv': 0.1, 'pre_oh': 0.1},
+}
 
 # NAYER (Tran et al., CVPR 2024; successor-methods.md section 2, `scripts/nayer_200.sh`):
 # a persistent NLGenerator fed class vectors through noisy layers re-drawn every loop,

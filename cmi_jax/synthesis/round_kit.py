@@ -82,11 +82,15 @@ def to_uint8(x: jax.Array) -> jax.Array:
 
 
 def views(cfg: SynthesisConfig, rng: jax.Array, x: jax.Array) -> Tuple[jax.Array, Optional[jax.Array]]:
-  """Normalized (global, local) views of x in [0, 1]; local is None for 'jitter'."""
+  """Normalized (global, local) views of x in [0, 1]; local is None for 'jitter', 'crop'
+  and 'resized' (one RandomResizedCrop(cfg.local_scale) + flip view)."""
   b, h, w, _ = x.shape
   k_g, k_l = jax.random.split(rng)
   if cfg.views == 'crop':
     xg = augment.apply_warp(x, augment.crop_flip(k_g, b, (h, w), cfg.global_padding))
+    return augment.normalize(xg, cfg.mean, cfg.std), None
+  if cfg.views == 'resized':
+    xg = augment.apply_warp(x, augment.resized_crop_flip(k_g, b, (h, w), cfg.local_scale))
     return augment.normalize(xg, cfg.mean, cfg.std), None
   if cfg.views == 'jitter':
     jy, jx = (cfg.jitter, cfg.jitter) if cfg.jitter >= 0 else (h // 8, w // 8)
