@@ -102,3 +102,13 @@ def train_interrupted_then_resumed(cfg, workdir, crash_step):
     with pytest.raises(Interrupt):
       train_teacher.train(cfg, str(workdir))
   return train_teacher.train(cfg, str(workdir))
+
+
+def have_fmnist_test() -> bool:
+  """Whether the Fashion-MNIST test split is found (it ships in the repo)."""
+  from cmi_jax import data  # pylint: disable=g-import-not-at-top
+  try:
+    data.load('fashion_mnist', 'test')
+  except data.DataNotFoundError:
+    return False
+  return True

@@ -83,6 +83,7 @@ def test_deep_generator_forward_upsamples_by_16_and_checks_its_latent():
     dataclasses.replace(CFG, reset_l0_round=3).validate()
 
 
+@pytest.mark.slow  # ~70 s: three networks compiled twice (with and without remat)
 def test_remat_changes_no_value_nor_gradient():
   """nn.remat of the blocks (synthesis.remat): same parameters, outputs and input
   gradients for the DeepGenerator and an ImageNet ResNet; unsupported nets say so."""
@@ -179,6 +180,7 @@ def three_rounds():
   return teacher, student, jax.device_get(states), jax.device_get(outs)
 
 
+@pytest.mark.slow  # ~110 s with its fixture
 def test_reptile_round_matches_numpy_over_three_rounds(three_rounds):
   """z_life 2: round 0 trains init's latent, round 1 redraws it with a fresh meta-Adam
   (Adam's t restarts: at t = 1 the step is lr_meta * sign(g)), round 2 continues the
@@ -214,6 +216,7 @@ def test_reptile_round_matches_numpy_over_three_rounds(three_rounds):
                                 to_uint8(outs[2].images))
 
 
+@pytest.mark.slow  # shares the three-round fixture
 def test_meta_adam_restarts_with_the_latent(three_rounds):
   """A fresh meta-Adam moves every entry with a non-zero Reptile difference by exactly
   lr_meta (t = 1: m_hat / sqrt(v_hat) = sign(g)): in round 0 and again in round 1, where
@@ -285,6 +288,7 @@ def _fake_imagenet(root, classes=4):
   return root
 
 
+@pytest.mark.slow  # ~70 s: the :quick run end to end
 def test_quick_run_on_a_fake_imagenet_folder(tmp_path, cache_dir):
   """`python -m experiments.run --config=configs/imagenet.py:quick`: 4 rounds (2 epochs
   of 2), the latent redrawn in round 2, the student evaluated on the val folder."""

@@ -106,6 +106,7 @@ def _fails_fast(cfg, workdir, exc, *patterns):
   assert steps() == before
 
 
+@pytest.mark.slow  # ~80 s: a runner run
 def test_runner_with_init_pool(tmp_path, monkeypatch):
   monkeypatch.setattr(runner.summary, 'plots', lambda *args: None)
   traced = []

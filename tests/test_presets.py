@@ -302,6 +302,7 @@ def test_dafl_generator_steps(tiny_nets):
 
 # ---------------------------------------------------------------- the two-stage run
 
+@pytest.mark.slow  # ~80 s: a two-stage run
 def test_two_stage_pre_rounds_do_no_kd(tmp_path):
   """cmi_two_stage (quick, Fashion-MNIST, random teacher, 1 device): round 1 is a
   pre-inversion round (pre weights: adv 0, no KD), round 2 an adversarial CMI round

@@ -24,7 +24,7 @@ from PIL import Image
 from cmi_jax import data, models, report
 from configs import fashion_mnist
 from experiments import runner
-from tests.helpers import load_checkpoint
+from tests.helpers import have_fmnist_test, load_checkpoint
 
 B = 8                    # synthesis batch of the quick config
 CAPACITY = 24            # pool and bank: full after 3 rounds of B, wrapping at round 4
@@ -33,15 +33,9 @@ ROUNDS = ROUNDS_PER_EPOCH * EPOCHS
 EVAL_LIMIT = 64
 
 
-def _have_fmnist_test() -> bool:
-  try:
-    data.load('fashion_mnist', 'test')
-  except data.DataNotFoundError:
-    return False
-  return True
 
 
-HAVE_DATA = _have_fmnist_test()
+HAVE_DATA = have_fmnist_test()
 needs_data = pytest.mark.skipif(not HAVE_DATA, reason='Fashion-MNIST test split not installed '
                                 '(apt-get install dataset-fashion-mnist)')
 

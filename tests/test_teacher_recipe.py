@@ -110,6 +110,7 @@ def cifar_runs(tmp_path_factory):
   return root, batches, summary, resumed
 
 
+@pytest.mark.slow  # ~45 s; the tiny_imagenet quick teacher covers the recipe by default
 def test_cifar10_quick_teacher_lr_and_export(cifar_runs):
   root, batches, summary, _ = cifar_runs
   rows = [r for r in _rows(root / 'full') if 'train/lr' in r]

@@ -18,7 +18,7 @@ from PIL import Image
 from cmi_jax import data, distill, errors, report
 from configs import distill as distill_config
 from experiments import synthesize, transfer_kd
-from tests.helpers import ROOT, load_checkpoint, subprocess_env
+from tests.helpers import ROOT, have_fmnist_test, load_checkpoint, subprocess_env
 
 pytestmark = pytest.mark.usefixtures('compilation_cache')
 
@@ -35,15 +35,9 @@ OVERRIDES = {'kd.epochs': EPOCHS, 'kd.batch_size': BATCH, 'kd.temperature': 4.0,
              'data.eval_batch_size': 500}
 
 
-def _have_fmnist_test() -> bool:
-  try:
-    data.load('fashion_mnist', 'test')
-  except data.DataNotFoundError:
-    return False
-  return True
 
 
-needs_data = pytest.mark.skipif(not _have_fmnist_test(), reason='no Fashion-MNIST test split')
+needs_data = pytest.mark.skipif(not have_fmnist_test(), reason='no Fashion-MNIST test split')
 
 
 def _config(transfer, **extra):
@@ -98,6 +92,7 @@ def resume_runs(synthetic, tmp_path_factory):
   return dict(full=full, stopped=stopped, done=done)
 
 
+@pytest.mark.slow  # end-to-end runs, ~170 s / ~60 s of fixtures: -m slow
 @needs_data
 def test_student_beats_chance(cli_run):
   summary = cli_run['summary']
@@ -109,6 +104,7 @@ def test_student_beats_chance(cli_run):
   assert 'Done in' in cli_run['stdout'] and summary['transfer_images'] == N_IMAGES
 
 
+@pytest.mark.slow  # end-to-end runs, ~170 s / ~60 s of fixtures: -m slow
 def test_outputs(cli_run):
   workdir = cli_run['workdir']
   rows = report.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
@@ -129,6 +125,7 @@ def test_outputs(cli_run):
   assert config['data']['name'] == 'fashion_mnist' and config['teacher']['arch'] == 'wrn_16_2'
 
 
+@pytest.mark.slow  # end-to-end runs, ~170 s / ~60 s of fixtures: -m slow
 def test_resume_is_exact(resume_runs):
   assert resume_runs['stopped']['stopped_at_step'] == 6
   a, meta_a = load_checkpoint(resume_runs['full']['workdir'])
