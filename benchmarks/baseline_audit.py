@@ -20,9 +20,9 @@ from typing import List, Optional
 
 from benchmarks.common import RESULTS, write_result
 
-VARIANTS = {  # name: CMISynthesizer / build_classifier options
-    'baseline': dict(),
-    'inplace_activations': dict(inplace=True),
+VARIANTS = {  # name: CMISynthesizer / build_classifier options ('baseline': the old one)
+    'baseline': dict(param_grads=True),
+    'inplace_activations': dict(inplace=True, param_grads=True),
     'no_weight_grads': dict(param_grads=False),
     'inplace_no_weight_grads': dict(inplace=True, param_grads=False),
 }

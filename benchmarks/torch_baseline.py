@@ -16,8 +16,13 @@ One CMI iteration, as the reference runs it:
   [local, bank_local, global, bank_global]; the contrastive CE against n_neg
   bank negatives; loss.item() for the lowest-loss bookkeeping; backward and one
   Adam step on (generator, z) and one on the head.
-The reference never freezes the teacher or the student, so its backward pass
-also computes their weight gradients (`param_grads=True`, the default here).
+The teacher's and the student's weight gradients are not computed
+(`param_grads=False`, the default): with them this baseline took 3.13 s per
+iteration (32x32x3, B=64) where the authors' own CMISynthesizer took 2.65 s on the
+same machine (measured outside the repo, 2026-12-01); without them 2.59 s
+(`benchmarks/baseline_audit.py`, 2026-12-02), i.e. at least as fast as the
+reference, so cmi_jax's ratios do not flatter it. `param_grads=True` keeps the
+older, slower baseline for comparison.
 
 One KD step: a batch from the image pool, crop + flip + normalize, teacher
 logits without gradient, the student in train mode, KL(t/T || s/T) * T^2 at
@@ -142,7 +147,7 @@ class CMISynthesizer:
   def __init__(self, teacher, student, image_shape, num_classes, mean, std, batch_size=256,
                nz=256, ngf=64, n_neg=4096, bank_size=40960, head_dim=256, lr_g=1e-3,
                betas=(0.5, 0.999), weights=(1.0, 1.0, 0.5, 0.8), cr_temperature=0.1,
-               global_padding=4, local_scale=(0.25, 1.0), param_grads=True, inplace=False,
+               global_padding=4, local_scale=(0.25, 1.0), param_grads=False, inplace=False,
                feature_layers=None):
     """feature_layers: names of teacher modules whose inputs are the contrastive features
     (e.g. ('layer1', ..., 'layer4')); None: every BN input (the reference's default)."""
