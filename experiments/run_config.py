@@ -217,3 +217,15 @@ def epoch_schedule(section, steps_per_epoch: int, total_steps: int, name: str):
     return multistep_per_epoch(section.lr, tuple(section.milestones), section.gamma,
                                steps_per_epoch)
   raise ValueError(f'{name}.schedule={kind!r} is invalid: must be one of {SCHEDULES}.')
+
+
+def checked_mesh(num_devices: int, **batch_sizes: int):
+  """The run's mesh (`mesh.num_devices`, 0: all), with every named batch size checked to
+  divide over it; the device layer's ValueErrors become ConfigErrors (one `error:` line)."""
+  from cmi_jax import parallel  # pylint: disable=g-import-not-at-top
+  try:
+    mesh = parallel.make_mesh(num_devices)
+    parallel.check_divisible(mesh, **batch_sizes)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  return mesh

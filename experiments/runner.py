@@ -27,7 +27,7 @@ from experiments import evaluation, guard, resume, summary
 from experiments.inputs import load_init_pool, load_teacher, load_test_split
 from experiments.plan import compile_plan
 from experiments.resume import StopSignal
-from experiments.run_config import (Plan, dataset_info, kd_config, make_plan,
+from experiments.run_config import (Plan, checked_mesh, dataset_info, kd_config, make_plan,
                                     pre_synthesis_config, student_tx, synthesis_config, tx_lr,
                                     validate)
 from experiments.summary import summary_line
@@ -84,13 +84,9 @@ def _setup(cfg, workdir: str, cleanup: contextlib.ExitStack):
                       f'run uses all {jax.device_count()} devices; set 0.')
   info = dataset_info(cfg)
   init = load_init_pool(cfg, info)  # checked against the teacher's input shape
-  mesh = parallel.make_mesh(cfg.mesh.num_devices)
   synth = synthesis_config(cfg, info, cfg.synthesis.weights.to_dict())
-  try:
-    parallel.check_divisible(mesh, **{'synthesis.batch_size': synth.batch_size,
-                                     'kd.batch_size': cfg.kd.batch_size})
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
+  mesh = checked_mesh(cfg.mesh.num_devices, **{'synthesis.batch_size': synth.batch_size,
+                                               'kd.batch_size': cfg.kd.batch_size})
   teacher = parallel.replicate(mesh, load_teacher(cfg, info, synth.compute_dtype))
   student_module = models.get(cfg.student.arch, info.num_classes, dtype=synth.compute_dtype,
                               remat=synth.remat)

@@ -28,7 +28,7 @@ from cmi_jax.teacher import Teacher
 from experiments import evaluation, guard, resume, summary
 from experiments.inputs import load_test_split
 from experiments.resume import StopSignal
-from experiments.run_config import SCHEDULES, epoch_schedule
+from experiments.run_config import SCHEDULES, checked_mesh, epoch_schedule
 
 UNIT = 'step'  # checkpoints, resume and stops count student steps
 
@@ -175,11 +175,7 @@ def _setup(cfg, workdir: str, cleanup: contextlib.ExitStack):
   info = dataset_info(cfg)
   transfer = load_transfer(cfg, info)
   test = load_test_split(cfg)
-  mesh = parallel.make_mesh(cfg.mesh.num_devices)
-  try:
-    parallel.check_divisible(mesh, **{'kd.batch_size': cfg.kd.batch_size})
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
+  mesh = checked_mesh(cfg.mesh.num_devices, **{'kd.batch_size': cfg.kd.batch_size})
   steps_per_epoch = len(transfer.images) // cfg.kd.batch_size
   total = steps_per_epoch * cfg.kd.epochs
   schedule = epoch_schedule(cfg.kd, steps_per_epoch, total, 'kd')

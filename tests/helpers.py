@@ -112,3 +112,31 @@ def have_fmnist_test() -> bool:
   except data.DataNotFoundError:
     return False
   return True
+
+
+def fails_fast(run, cfg, workdir, exc, *patterns):
+  """`run(cfg, workdir)` raises `exc` (a cmi_jax UserError) whose message holds every
+  pattern, before anything is jit-compiled and without adding a checkpoint.
+
+  The one check of the "bad input is refused before compiling" rule for every entry point
+  (runner.run, transfer_kd.run, ...): `jax.jit` is patched to fail, so a message that only
+  comes after a compile fails the test. Returns the message."""
+  import pytest
+  from cmi_jax import errors
+
+  def no_jit(*a, **k):
+    raise AssertionError('compiled before the error')
+
+  def steps():
+    d = os.path.join(str(workdir), 'checkpoints')
+    return sorted(os.listdir(d)) if os.path.isdir(d) else []
+  before = steps()
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(jax, 'jit', no_jit)
+    with pytest.raises(exc) as e:
+      run(cfg, str(workdir))
+  assert isinstance(e.value, errors.UserError), type(e.value)
+  for p in patterns:
+    assert p in str(e.value), (p, str(e.value))
+  assert steps() == before
+  return str(e.value)

@@ -24,7 +24,7 @@ from cmi_jax.synthesis import cmi
 from cmi_jax.synthesis.config import SynthesisConfig
 from cmi_jax.teacher import Teacher
 from experiments import guard, runner
-from tests.helpers import ROOT, random_variables, subprocess_env
+from tests.helpers import ROOT, fails_fast, random_variables, subprocess_env
 from tests.test_run import tiny_config
 
 pytestmark = pytest.mark.usefixtures('compilation_cache')
@@ -46,18 +46,8 @@ def _teacher_dir(root, name='t', arch='wrn_16_1', num_classes=10, input_shape=(2
                                      variables=variables))
 
 
-def _fails_fast(cfg, workdir, exc, *patterns, limit_s=10.0):
-  """runner.run raises `exc` (a UserError) whose message holds every pattern,
-  within `limit_s` seconds and before any checkpoint is written."""
-  t = time.perf_counter()
-  with pytest.raises(exc) as e:
-    runner.run(cfg, str(workdir))
-  assert time.perf_counter() - t < limit_s
-  assert isinstance(e.value, errors.UserError)
-  for p in patterns:
-    assert p in str(e.value), (p, str(e.value))
-  assert not os.path.exists(os.path.join(workdir, 'checkpoints', '1'))
-  return str(e.value)
+def _fails_fast(cfg, workdir, exc, *patterns):
+  return fails_fast(runner.run, cfg, workdir, exc, *patterns)
 
 
 # ---------------------------------------------------------------- 6. bad input

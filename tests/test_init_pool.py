@@ -5,7 +5,6 @@ fingerprint; a tiny runner run with an init .npz; bad init sets fail before
 anything compiles; the `preinverted` config argument is the published script."""
 
 import json
-import os
 import shutil
 
 import jax
@@ -18,7 +17,7 @@ from cmi_jax import data, distill, errors
 from cmi_jax.synthesis.bank import RingBuffer
 from configs import cifar10, fashion_mnist
 from experiments import guard, runner
-from tests.helpers import load_checkpoint
+from tests.helpers import fails_fast, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures('compilation_cache')
 
@@ -88,22 +87,7 @@ def _write_npz(path, seed, n=40, shape=(28, 28, 1)):
 
 
 def _fails_fast(cfg, workdir, exc, *patterns):
-  """runner.run raises `exc` naming every pattern, before any jit and any new checkpoint."""
-  def no_jit(*a, **k):
-    raise AssertionError('compiled before the error')
-
-  def steps():
-    d = os.path.join(workdir, 'checkpoints')
-    return sorted(os.listdir(d)) if os.path.isdir(d) else []
-  before = steps()
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(jax, 'jit', no_jit)
-    with pytest.raises(exc) as e:
-      runner.run(cfg, str(workdir))
-  assert isinstance(e.value, errors.UserError)
-  for p in patterns:
-    assert p in str(e.value), (p, str(e.value))
-  assert steps() == before
+  return fails_fast(runner.run, cfg, workdir, exc, *patterns)
 
 
 @pytest.mark.slow  # ~80 s: a runner run

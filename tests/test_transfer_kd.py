@@ -18,7 +18,7 @@ from PIL import Image
 from cmi_jax import data, distill, errors, report
 from configs import distill as distill_config
 from experiments import synthesize, transfer_kd
-from tests.helpers import ROOT, have_fmnist_test, load_checkpoint, subprocess_env
+from tests.helpers import ROOT, fails_fast, have_fmnist_test, load_checkpoint, subprocess_env
 
 pytestmark = pytest.mark.usefixtures('compilation_cache')
 
@@ -146,18 +146,7 @@ def test_resume_is_exact(resume_runs):
 # ---------------------------------------------------------------- bad input (item 6)
 
 def _fails_fast(cfg, workdir, exc, *patterns):
-  """transfer_kd.run raises `exc` (a UserError) naming every pattern, before any jit
-  and before any checkpoint."""
-  def no_jit(*a, **k):
-    raise AssertionError('compiled before the error')
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(jax, 'jit', no_jit)
-    with pytest.raises(exc) as e:
-      transfer_kd.run(cfg, str(workdir))
-  assert isinstance(e.value, errors.UserError)
-  for p in patterns:
-    assert p in str(e.value), (p, str(e.value))
-  assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
+  return fails_fast(transfer_kd.run, cfg, workdir, exc, *patterns)
 
 
 def _pngs(folder, n, size, mode='L'):
