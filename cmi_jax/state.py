@@ -73,14 +73,21 @@ def multistep_per_epoch(base_lr: float, milestones: Sequence[int], gamma: float,
   return schedule
 
 
+def create_state(cls, **fields):
+  """`cls.create(**fields)` (a flax TrainState subclass) with `step` a strong int32 array,
+  not flax's Python 0: the step a jitted update returns is such an array, so a state passed
+  back in (round 2, KD chunk 2) has the first call's signature and does not recompile."""
+  return cls.create(**fields).replace(step=jnp.zeros((), jnp.int32))
+
+
 def create_classifier_state(module: nn.Module, rng: jax.Array, input_shape: Sequence[int],
                             tx: optax.GradientTransformation,
                             variables: Optional[Any] = None) -> ClassifierState:
   """Initializes (or wraps given) variables into a ClassifierState."""
   if variables is None:
     variables = models.init(module, rng, tuple(input_shape))
-  return ClassifierState.create(apply_fn=module.apply, params=variables['params'],
-                                batch_stats=variables['batch_stats'], tx=tx)
+  return create_state(ClassifierState, apply_fn=module.apply, params=variables['params'],
+                      batch_stats=variables['batch_stats'], tx=tx)
 
 
 def select(pred: jax.Array, new, old):

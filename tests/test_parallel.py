@@ -312,7 +312,11 @@ def test_pmap_kd_step_equals_mesh_kd(nets, kd_setup, kd_chunks):
   state, metrics = _pmap_chunk(distill.pmap_kd_step(KD_CFG, module), state, teacher, pool)
   st4, m4 = kd_chunks[4]
   assert state.apply_fn == module.apply
-  _assert_close(state.params, st4.params, 1e-5, 'params')
+  # Normwise over the whole tree (atol = 1e-5 x its largest value): a BN bias that moved
+  # ~1e-3 from zero carries the float32 rounding of gradients summed per device (pmap)
+  # vs over the global batch (mesh): 9e-7 measured on jax 0.12, 1e-3 of that leaf.
+  top = max(float(np.max(np.abs(np.asarray(w)))) for w in jax.tree_util.tree_leaves(st4.params))
+  _assert_close(state.params, st4.params, 1e-5, 'params', atol=1e-5 * top)
   _assert_close(state.batch_stats, st4.batch_stats, 1e-5, 'batch_stats')
   for k in m4:  # kd_loss: see test_kd_chunk_same_on_1_and_4_devices
     np.testing.assert_allclose(np.mean([m[k] for m in metrics]), m4[k],

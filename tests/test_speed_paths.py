@@ -45,8 +45,9 @@ def test_split_head_calls_match_one_call():
 
       def whole(params, fl, fg, bf=bank_feats, bv=bank_valid):
         return _one_call(cfg, state, params, fl, fg, bf, bv)
-      got = jax.value_and_grad(split, argnums=(0, 1, 2))(state.params, feat_l, feat_g)
-      want = jax.value_and_grad(whole, argnums=(0, 1, 2))(state.params, feat_l, feat_g)
+      # jitted: one compile per form instead of one per primitive (eager dispatch).
+      got = jax.jit(jax.value_and_grad(split, argnums=(0, 1, 2)))(state.params, feat_l, feat_g)
+      want = jax.jit(jax.value_and_grad(whole, argnums=(0, 1, 2)))(state.params, feat_l, feat_g)
       flat_got, flat_want = jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)
       assert len(flat_got) == len(flat_want)
       for a, b in zip(flat_got, flat_want):
@@ -76,11 +77,11 @@ def test_upsample_conv_phases_match_numpy_and_xla():
     k = rng.normal(size=(3, 3, shape[-1], co)).astype(np.float32)
     want = _np_upsample_conv(x.astype(np.float64), k.astype(np.float64))
     for impl in ('explicit_grad', 'xla'):
-      got = layers.upsample2_conv3x3(jnp.asarray(x), jnp.asarray(k), impl)
+      got = jax.jit(lambda a, b, i=impl: layers.upsample2_conv3x3(a, b, i))(x, k)
       np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
     ct = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
-    grads = [jax.grad(lambda a, b, i=impl: jnp.sum(layers.upsample2_conv3x3(a, b, i) * ct),
-                      argnums=(0, 1))(jnp.asarray(x), jnp.asarray(k))
+    grads = [jax.jit(jax.grad(lambda a, b, i=impl: jnp.sum(layers.upsample2_conv3x3(a, b, i) * ct),
+                              argnums=(0, 1)))(x, k)
              for impl in ('explicit_grad', 'xla')]
     for a, b in zip(*grads):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
@@ -113,7 +114,7 @@ def test_filter_grad_of_narrow_output_matches_xla():
     k = jnp.asarray(rng.normal(size=(ksize, ksize, ci, co)), jnp.float32)
     pad = 1 if ksize > 1 else 0
     g = jnp.asarray(rng.normal(size=layers.conv2d(x, k, 1, pad, 'xla').shape), jnp.float32)
-    got, want = (jax.grad(lambda x_, k_, i=impl: jnp.sum(layers.conv2d(x_, k_, 1, pad, i) * g),
-                          argnums=(0, 1))(x, k) for impl in ('explicit_grad', 'xla'))
+    got, want = (jax.jit(jax.grad(lambda x_, k_, i=impl: jnp.sum(layers.conv2d(x_, k_, 1, pad, i) * g),
+                                  argnums=(0, 1)))(x, k) for impl in ('explicit_grad', 'xla'))
     for a, b in zip(got, want):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)

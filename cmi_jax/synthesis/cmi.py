@@ -25,7 +25,7 @@ from flax import struct
 from flax.training import train_state
 
 from cmi_jax.parallel import constrain
-from cmi_jax.state import select
+from cmi_jax.state import create_state, select
 from cmi_jax.synthesis import config as _config
 from cmi_jax.synthesis import footprint, losses
 from cmi_jax.synthesis.bank import RingBuffer, ring_add, ring_init, ring_sample_distinct
@@ -50,8 +50,8 @@ def init_state(cfg: _config.SynthesisConfig, teacher: Teacher, rng: jax.Array) -
   head = cfg.make_head()
   params = head.init(rng, jnp.zeros((1, d), jnp.float32))['params'] \
       if cfg.head_kind != 'none' and d else {}
-  head_state = train_state.TrainState.create(apply_fn=head.apply, params=params,
-                                             tx=optax.adam(cfg.lr_head))
+  head_state = create_state(train_state.TrainState, apply_fn=head.apply, params=params,
+                            tx=optax.adam(cfg.lr_head))
   bank = ring_init(cfg.bank_size, jax.ShapeDtypeStruct((2 * d,), jnp.float32))
   return SynthState(head_state, bank, init_pool(cfg), jnp.zeros((), jnp.int32))
 

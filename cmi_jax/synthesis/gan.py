@@ -15,7 +15,7 @@ import optax
 from flax import struct
 
 from cmi_jax import augment
-from cmi_jax.state import ClassifierState, select
+from cmi_jax.state import ClassifierState, create_state, select
 from cmi_jax.parallel import constrain
 from cmi_jax.synthesis.config import SynthesisConfig
 from cmi_jax.synthesis.round_kit import inversion_terms, weighted_sum
@@ -26,9 +26,9 @@ def init_generator_state(cfg: SynthesisConfig, rng: jax.Array) -> ClassifierStat
   """The persistent generator (params, BN stats) with Adam(lr_g, betas)."""
   gen = cfg.make_generator()
   variables = gen.init(rng, jnp.zeros((2,) + cfg.latent_shape, jnp.float32))
-  return ClassifierState.create(apply_fn=gen.apply, params=variables['params'],
-                                batch_stats=variables['batch_stats'],
-                                tx=optax.adam(cfg.lr_g, b1=cfg.betas[0], b2=cfg.betas[1]))
+  return create_state(ClassifierState, apply_fn=gen.apply, params=variables['params'],
+                      batch_stats=variables['batch_stats'],
+                      tx=optax.adam(cfg.lr_g, b1=cfg.betas[0], b2=cfg.betas[1]))
 
 
 class FreshSource(struct.PyTreeNode):
