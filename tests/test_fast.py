@@ -9,6 +9,7 @@ The jitted round is compiled once per module (fixture `round_fn`).
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -171,6 +172,14 @@ def test_inner_loop_skips_non_finite_steps():
   assert np.isfinite(best['loss'])
 
 
+@functools.partial(jax.jit, static_argnums=(0,))
+def _reference_grad(cfg, teacher, student, gen_stats, ema, targets, adv_on, f, key):
+  """value_and_grad of the round's loss at f = {'generator', 'z'}: one compile for
+  every step of both reference rounds (the round's values are arguments)."""
+  loss_fn = fast.make_loss_fn(cfg, teacher, student, gen_stats, ema, targets, adv_on)
+  return jax.value_and_grad(loss_fn, has_aux=True)(f, key)
+
+
 def _reference_round(cfg, teacher, student, state, rng, theta_adam):
   """One round as a Python loop of jax.grad on the round's loss, numpy Adam for
   the inner steps and the meta step (theta_adam: {leaf path: NumpyAdam})."""
@@ -178,9 +187,8 @@ def _reference_round(cfg, teacher, student, state, rng, theta_adam):
   targets = jax.random.randint(keys['targets'], (cfg.batch_size,), 0, cfg.num_classes)
   z = jax.random.normal(keys['z'], (cfg.batch_size, cfg.nz), jnp.float32)
   adv_on = jnp.float32(int(state.round) >= cfg.adv_start_round)
-  loss_fn = fast.make_loss_fn(cfg, teacher, student, state.gen.batch_stats, state.bn_ema,
-                              targets, adv_on)
-  grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  grad_fn = functools.partial(_reference_grad, cfg, teacher, student, state.gen.batch_stats,
+                              state.bn_ema, targets, adv_on)
   theta = _np(state.gen.params)
   leaves, treedef = jax.tree_util.tree_flatten(theta)
   fast_w, zz = [l.copy() for l in leaves], np.asarray(z, np.float64)

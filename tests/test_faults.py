@@ -270,14 +270,14 @@ def test_resume_with_another_config_or_teacher_is_refused(tmp_path):
 
 class NaNWhere(nn.Module):
   """A classifier whose logits are NaN for inputs whose top-left pixel (first
-  channel, normalized) exceeds `threshold`: a teacher that fails on some inputs."""
+  channel, normalized) exceeds its 'threshold' parameter: a teacher that fails on some
+  inputs (a parameter, not a module field, so that two thresholds share one compile)."""
   inner: nn.Module
-  threshold: float
 
   @nn.compact
   def __call__(self, x, train=False):
     logits = self.inner(x, train=train)
-    bad = x[:, 0, 0, 0] > self.threshold
+    bad = x[:, 0, 0, 0] > self.param('threshold', nn.initializers.zeros, ())
     return jnp.where(bad[:, None], jnp.nan, logits)
 
 
@@ -288,8 +288,8 @@ def _tiny_round_setup(threshold):
       nz=8, ngf=4).validate()
   inner = models.get('wrn_16_1', 4)
   v = random_variables(inner, (1, 8, 8, 1))
-  module = NaNWhere(inner, threshold)
-  teacher = Teacher(module, {'params': {'inner': v['params']},
+  module = NaNWhere(inner)
+  teacher = Teacher(module, {'params': {'inner': v['params'], 'threshold': jnp.float32(threshold)},
                              'batch_stats': {'inner': v['batch_stats']}})
   return cfg, teacher
 
