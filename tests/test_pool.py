@@ -264,3 +264,45 @@ def test_sharded_pool_size_must_divide(tmp_path):
   cfg.kd.pool_mode, cfg.synthesis.pool_size = 'sharded', 30
   fails_fast(runner.run, cfg, tmp_path / 'run', ValueError, 'synthesis.pool_size=30',
              "kd.pool_mode='sharded'", 'multiple of 4', '--config.synthesis.pool_size=28')
+
+
+# ---------------------------------------------------------------- the runner end to end
+
+@pytest.mark.slow
+def test_runner_sharded_incremental_equals_device_full(tmp_path, monkeypatch):
+  """The tiny CMI run on 4 devices: pool 'device' with full checkpoints, against pool
+  'sharded' with incremental ones, killed while saving round 2 and resumed. Every
+  logged value, the final student and the final pool are the same bits."""
+  from experiments import runner  # pylint: disable=import-outside-toplevel
+  from tests.helpers import load_checkpoint  # pylint: disable=import-outside-toplevel
+  from tests.test_run import ROUNDS, _crash_at_save, _Crash, _no_plots, rows_of, tiny_config  # pylint: disable=import-outside-toplevel
+  _no_plots(monkeypatch)
+  cfg = tiny_config(num_devices=4)
+  runner.run(cfg, str(tmp_path / 'device'))
+  cfg.kd.pool_mode, cfg.log.pool_checkpoint = 'sharded', 'incremental'
+  work = str(tmp_path / 'sharded')
+  with monkeypatch.context() as mp:
+    _crash_at_save(mp, 2)
+    with pytest.raises(_Crash):
+      runner.run(cfg, work)
+  assert PoolCheckpointer(os.path.join(work, 'pool')).steps() == [1, 2]  # 2 had no orbax save
+  runner.run(cfg, work)
+  def values(workdir):  # every logged value but the clock's
+    return [{k: v for k, v in r.items() if k != 'time' and not k.endswith('_s')}
+            for r in rows_of(workdir)]
+  want, got = values(tmp_path / 'device'), values(work)
+  assert len(got) == ROUNDS
+  for g, w in zip(got, want):
+    assert {k: (g.get(k), w.get(k)) for k in set(g) | set(w) if g.get(k) != w.get(k)} == {}
+  (dev, _), (shd, _) = load_checkpoint(tmp_path / 'device'), load_checkpoint(work)
+  for x, y in zip(jax.tree_util.tree_leaves(dev['student']),
+                  jax.tree_util.tree_leaves(shd['student'])):
+    np.testing.assert_array_equal(x, y)
+  # The orbax checkpoint kept only the pool's write position and count.
+  assert [np.asarray(x).size for x in jax.tree_util.tree_leaves(shd['synth']['pool'])] == [1, 1]
+  pool = PoolCheckpointer(os.path.join(work, 'pool')).restore(ROUNDS, ring_init(
+      cfg.synthesis.pool_size, {'images': jax.ShapeDtypeStruct((28, 28, 1), jnp.uint8),
+                                'targets': jax.ShapeDtypeStruct((), jnp.int32)}))
+  for k in ('images', 'targets'):
+    np.testing.assert_array_equal(np.asarray(pool.data[k]), dev['synth']['pool']['data'][k])
+  assert int(pool.count) == int(dev['synth']['pool']['count'])
