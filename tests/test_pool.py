@@ -270,22 +270,24 @@ def test_sharded_pool_size_must_divide(tmp_path):
 
 @pytest.mark.slow
 def test_runner_sharded_incremental_equals_device_full(tmp_path, monkeypatch):
-  """The tiny CMI run on 4 devices: pool 'device' with full checkpoints, against pool
-  'sharded' with incremental ones, killed while saving round 2 and resumed. Every
-  logged value, the final student and the final pool are the same bits."""
+  """The tiny CMI run on 4 devices: pool 'device' with full checkpoints, against the run
+  with incremental ones, killed while saving round 2 and resumed with the pool
+  'sharded' (kd.pool_mode may change on resume). Every logged value, the final student
+  and the final pool are the same bits."""
   from experiments import runner  # pylint: disable=import-outside-toplevel
   from tests.helpers import load_checkpoint  # pylint: disable=import-outside-toplevel
   from tests.test_run import ROUNDS, _crash_at_save, _Crash, _no_plots, rows_of, tiny_config  # pylint: disable=import-outside-toplevel
   _no_plots(monkeypatch)
   cfg = tiny_config(num_devices=4)
   runner.run(cfg, str(tmp_path / 'device'))
-  cfg.kd.pool_mode, cfg.log.pool_checkpoint = 'sharded', 'incremental'
+  cfg.log.pool_checkpoint = 'incremental'
   work = str(tmp_path / 'sharded')
   with monkeypatch.context() as mp:
     _crash_at_save(mp, 2)
     with pytest.raises(_Crash):
       runner.run(cfg, work)
   assert PoolCheckpointer(os.path.join(work, 'pool')).steps() == [1, 2]  # 2 had no orbax save
+  cfg.kd.pool_mode = 'sharded'
   runner.run(cfg, work)
   def values(workdir):  # every logged value but the clock's
     return [{k: v for k, v in r.items() if k != 'time' and not k.endswith('_s')}
@@ -306,3 +308,12 @@ def test_runner_sharded_incremental_equals_device_full(tmp_path, monkeypatch):
   for k in ('images', 'targets'):
     np.testing.assert_array_equal(np.asarray(pool.data[k]), dev['synth']['pool']['data'][k])
   assert int(pool.count) == int(dev['synth']['pool']['count'])
+
+
+def test_resume_may_change_the_pool_mode_not_the_checkpoint_kind():
+  from experiments import guard  # pylint: disable=import-outside-toplevel
+  saved = {'kd': {'pool_mode': 'device'}, 'log': {'pool_checkpoint': 'full', 'every_kd_steps': 1}}
+  new = {'kd': {'pool_mode': 'sharded'}, 'log': {'pool_checkpoint': 'full', 'every_kd_steps': 5}}
+  assert guard.config_changes(saved, new) == []
+  new['log']['pool_checkpoint'] = 'incremental'
+  assert guard.config_changes(saved, new) == ["log.pool_checkpoint: 'full' -> 'incremental'"]
