@@ -92,14 +92,21 @@ def _process_count() -> int:
   return jax.process_count()
 
 
-def _check_pool_shards(cfg) -> None:
-  """kd.pool_mode='sharded' splits the pool's slots over the mesh's devices: evenly."""
-  if cfg.kd.pool_mode != 'sharded' or cfg.kd.mode != 'pool':
-    return
+def pool_shards(cfg) -> int:
+  """Devices the pool's slots are split over: the mesh's with kd.pool_mode='sharded', else 1."""
+  if cfg.kd.get('pool_mode', 'device') != 'sharded' or cfg.kd.mode != 'pool':
+    return 1
   import jax  # pylint: disable=g-import-not-at-top
   visible = jax.device_count()
-  n = cfg.mesh.num_devices if 0 < cfg.mesh.num_devices <= visible else visible
+  return cfg.mesh.num_devices if 0 < cfg.mesh.num_devices <= visible else visible
+
+
+def _check_pool_shards(cfg) -> None:
+  """kd.pool_mode='sharded' splits the pool's slots over the mesh's devices: evenly."""
+  n = pool_shards(cfg)
   size = cfg.synthesis.pool_size
+  if n == 1:
+    return
   if size % n:
     raise ConfigError(
         f"config.synthesis.pool_size={size} is invalid with kd.pool_mode='sharded': it must "
@@ -141,6 +148,7 @@ def synthesis_config(cfg, info: data.DatasetInfo, weights: Dict[str, float]) -> 
   s = cfg.synthesis.to_dict()
   s['weights'] = LossWeights(**weights)
   s['betas'], s['local_scale'] = tuple(s['betas']), tuple(s['local_scale'])
+  s['pool_shards'] = pool_shards(cfg)
   if s['global_padding'] < 0:
     s['global_padding'] = info.crop_padding
   # adv_start_round / reset_l0_round None: derived from the warm-up, as the reference.

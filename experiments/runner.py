@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from cmi_jax import data, distill, models, parallel, report
 from cmi_jax.checkpoint import Checkpointer
+from cmi_jax.errors import CheckpointError, ConfigError
 from cmi_jax.pool_checkpoint import PoolCheckpointer, without_pool
-from cmi_jax.errors import ConfigError
 from cmi_jax.state import create_classifier_state, rng_stream
 from cmi_jax.synthesis import algorithms, footprint, gan
 from cmi_jax.synthesis.round_kit import check_teacher
@@ -133,8 +133,8 @@ def _setup(cfg, workdir: str, cleanup: contextlib.ExitStack):
   else:  # the pool from its chunks, into the fresh (replicated or sharded) pool
     pool = pool_ckpt.restore(int(meta['round']), state['synth'].pool)
     if int(meta['round']) and int(saved['synth'].pool.count) != int(pool.count):
-      raise ConfigError(f'The pool manifest of round {meta["round"]} in {pool_ckpt.directory} '
-                        'does not match its checkpoint (pool count); delete the workdir.')
+      raise CheckpointError(f'The pool manifest of round {meta["round"]} in {pool_ckpt.directory} '
+                            'does not match its checkpoint (pool count); delete the workdir.')
     state = dict(saved, synth=saved['synth'].replace(pool=pool))
   writer = report.MetricWriter(workdir, enabled=parallel.is_main_process())
   writer.truncate_after(meta['round'])  # rows a crashed run wrote after its last checkpoint
@@ -178,7 +178,7 @@ def _synthesize(s: Session, state, r: int, row: Dict[str, Any]):
         jax.random.fold_in(s.keys['pre_synthesis' if pre else 'synthesis'], r),
         cfg.faults.round_retries, lambda o: o.metrics, f'Round {r + 1}')
     m, images, targets = out.metrics, out.images, out.targets
-    s.pool_added += images.shape[0]  # what the pool may have received (skipped: nothing)
+    s.pool_added += images.shape[0]  # at most what the pool received (a skipped round: 0)
     if not ok:
       images = targets = None  # no grid of a skipped round
   row.update(summary.synthesis_row(m))
@@ -260,6 +260,7 @@ def _run(cfg, workdir: str, cleanup: contextlib.ExitStack, stop_signal: StopSign
       guard.phase('checkpoint', r + 1)
       saved = state
       if s.pool_ckpt is not None:  # the pool's new rounds first: each checkpoint has its manifest
+        s.ckpt.wait()  # the previous save on disk (and listed) before manifests are pruned
         pool = state['synth'].pool
         s.pool_ckpt.save(r + 1, pool, s.pool_added)
         s.pool_ckpt.prune(set(s.ckpt.all_steps()) | {r + 1})

@@ -317,3 +317,17 @@ def test_resume_may_change_the_pool_mode_not_the_checkpoint_kind():
   assert guard.config_changes(saved, new) == []
   new['log']['pool_checkpoint'] = 'incremental'
   assert guard.config_changes(saved, new) == ["log.pool_checkpoint: 'full' -> 'incremental'"]
+
+
+def test_memory_check_counts_the_devices_share_of_a_sharded_pool():
+  from cmi_jax.synthesis import footprint  # pylint: disable=import-outside-toplevel
+  from experiments import run_config  # pylint: disable=import-outside-toplevel
+  from tests.test_run import tiny_config  # pylint: disable=import-outside-toplevel
+  cfg = tiny_config(num_devices=4)
+  info = run_config.dataset_info(cfg)
+  assert run_config.synthesis_config(cfg, info, cfg.synthesis.weights.to_dict()).pool_shards == 1
+  cfg.kd.pool_mode = 'sharded'
+  synth = run_config.synthesis_config(cfg, info, cfg.synthesis.weights.to_dict())
+  assert synth.pool_shards == 4
+  # 24 images of 28x28x1 uint8 + int32 targets: 18,912 bytes, a quarter per device.
+  assert footprint.footprint(synth, 16).pool_bytes == 24 * (28 * 28 + 4) // 4 == 4728
