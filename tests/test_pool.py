@@ -331,3 +331,41 @@ def test_memory_check_counts_the_devices_share_of_a_sharded_pool():
   assert synth.pool_shards == 4
   # 24 images of 28x28x1 uint8 + int32 targets: 18,912 bytes, a quarter per device.
   assert footprint.footprint(synth, 16).pool_bytes == 24 * (28 * 28 + 4) // 4 == 4728
+
+
+_SAVER = '''
+import sys
+import jax, numpy as np
+from cmi_jax.pool_checkpoint import PoolCheckpointer
+from tests.test_pool import _add, _empty
+ck, pool = PoolCheckpointer(sys.argv[1]), _empty()
+for step in range(1, 10000):
+  pool = _add(pool, 8, step)
+  ck.save(step, pool, max_new=8)
+  print(step, flush=True)
+'''
+
+
+@pytest.mark.slow
+def test_kill_9_mid_save_loses_nothing(tmp_path):
+  """A process saving a step after another is killed with SIGKILL at a random moment:
+  every manifest left on disk restores to exactly the pool of its step."""
+  import signal  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from tests.helpers import ROOT  # pylint: disable=import-outside-toplevel
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  proc = subprocess.Popen([sys.executable, '-c', _SAVER, str(tmp_path)], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, text=True)
+  done = 0
+  while done < 6:
+    done = int(proc.stdout.readline())
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  steps = PoolCheckpointer(str(tmp_path)).steps()
+  assert steps[:done] == list(range(1, done + 1))
+  pool = _empty()
+  for step in range(1, steps[-1] + 1):
+    pool = _add(pool, 8, step)
+    if step in (1, 5, steps[-1]) or step == done:  # the oldest, a wrapped ring, the newest
+      _assert_pools_equal(PoolCheckpointer(str(tmp_path)).restore(step, _empty()), pool)
