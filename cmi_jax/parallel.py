@@ -23,7 +23,11 @@ and a random pool batch; replicated, those gathers are local. At the default
 sizes the bank is 40960 x 2D float32 (wrn_40_2: D = 2704 -> 886 MB per
 device) and the pool 51200 x 32x32x3 uint8 (157 MB per device), which fit any
 accelerator used for CIFAR; sharding them would turn each gather into
-cross-device traffic every step. The rest is small next to them: the wrn_40_2
+cross-device traffic every step. A pool too big for one device (ImageNet's
+400k x 224x224x3 uint8, 60 GB) is split instead: the runner's
+`kd.pool_mode='sharded'` places its capacity axis on P('data')
+(`synthesis.bank.ring_shardings`), created in place by `init_sharded`, and
+XLA inserts the collectives of its gathers. The rest is small next to them: the wrn_40_2
 head (D x D + D x 256, 8.0M params) with Adam is 96 MB, the CMI generator
 (2.3M params) with Adam 28 MB, resnet34 teacher 85 MB, resnet18 student with
 SGD momentum 89 MB. What does scale with the batch (activations of 2B views
@@ -78,6 +82,13 @@ def replicate(mesh: Mesh, tree: Any) -> Any:
   process must pass identical values.
   """
   return jax.device_put(jax.device_get(tree), replicated(mesh))
+
+
+def init_sharded(fn: Any, shardings: Any, *args: Any) -> Any:
+  """`fn(*args)` computed straight into `shardings` (a tree like its output): jit
+  with out_shardings, so an array split over the devices is never whole on one
+  device or on the host first (the state of a sharded pool)."""
+  return jax.jit(fn, out_shardings=shardings)(*args)
 
 
 def shard_batch(mesh: Mesh, tree: Any) -> Any:

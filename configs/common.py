@@ -95,7 +95,10 @@ def base_config(dataset: str, method: str = 'cmi'):
   # (the reference's --cmi_init, e.g. the authors' pre-inverted set): KD batches are drawn
   # uniformly from the pool plus these images (never the memory bank); init_resize:
   # resize + center-crop init images of another size to the teacher's (else an error).
-  c.kd = C(dict(
+  # pool_mode: 'device' (the image pool replicated on every device) or 'sharded' (its
+  # slots split over the mesh's devices, 1/n each: a pool too big for one device, e.g.
+  # ImageNet's 400k images; synthesis.pool_size must divide by the device count).
+  c.kd = C(dict(pool_mode='device',
       batch_size=128, kd_steps=400, ep_steps=400, epochs=200, lr=0.1, lr_min=0.0, momentum=0.9,
       weight_decay=1e-4, temperature=20.0, loss='kl', mode='pool', augment=True,
       pre_rounds=0, pre_adv=0.0, pre_oh=1.0,
@@ -114,7 +117,11 @@ def base_config(dataset: str, method: str = 'cmi'):
   # rounds, at the end, and on SIGTERM/SIGINT (a clean stop; the same command resumes).
   c.log = C(dict(every_kd_steps=50, grid_every_rounds=1, grid_per_class=10,
                  checkpoint_every_rounds=10, async_checkpoints=True, max_checkpoints=2,
-                 stop_after_rounds=0))  # >0: checkpoint and exit after that many rounds
+                 stop_after_rounds=0,  # >0: checkpoint and exit after that many rounds
+                 # 'full': the pool in every checkpoint; 'incremental': only the pool slots
+                 # written since the last save, as chunks in workdir/pool/ (single host;
+                 # cmi_jax/pool_checkpoint.py), so a 60 GB pool does not stall the run.
+                 pool_checkpoint='full'))
   presets.apply_to_config(c, method)
   return c
 

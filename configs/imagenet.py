@@ -18,6 +18,12 @@ train/<wnid>/*.JPEG and val/<wnid>/*.JPEG in data.dir) with random wrn_16_1 nets
 Expected (FastDFKD's README = the logs' best epochs): student top-1 68.61 / 53.45 / 43.02
 on the 50k val images; 400 epochs x 10 rounds (4000 synthesis rounds of 50 steps, 400k
 images) with 100 KD steps each: the logs show 46-61 h on a shared 8-GPU node.
+The pool keeps all 400k images: 60.2 GB of uint8 per device in the default
+kd.pool_mode='device'. Beside the float32 round at batch 100 that fits a 141 GB device
+(~800k images) but not an 80 GB one (~397k; ~470k with synthesis.remat=True), by XLA's
+CPU memory analysis (benchmarks/results/pool_memory.json): on 80 GB devices add
+--config.kd.pool_mode=sharded (over >= 2 devices: 7.5 GB of pool each over 8) and
+--config.log.pool_checkpoint=incremental (checkpoints write the new rounds, not 60 GB).
 data.dir: the folder holding train/ and val/ (or ILSVRC2012/ with them). The teacher:
 torchvision's resnet50-19c8e357.pth (a raw legacy state_dict; read as is) or a
 converted directory (experiments/convert_teacher.py).

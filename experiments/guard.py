@@ -44,6 +44,7 @@ SAFE_ON_RESUME = {
     'mesh.*': 'device count and multi-host switch (the checkpoint restores onto any mesh)',
     'teacher.checkpoint': "the teacher's path (its content hash is compared instead)",
     'kd.init_pool': "the init set's path (its content hash is compared instead)",
+    'kd.pool_mode': 'where the image pool lives (a checkpoint restores into either)',
     'data.transfer': "the transfer set's path (its content hash is compared instead)",
 }
 NO_INPUT = 'none'  # the content hash of an input a run does not use (an empty path)
@@ -52,6 +53,8 @@ NO_INPUT = 'none'  # the content hash of an input a run does not use (an empty p
 def _safe(field: str, old: Any, new: Any) -> bool:
   if field == 'kd.epochs':
     return new >= old
+  if field == 'log.pool_checkpoint':  # another checkpoint layout: not readable as the other
+    return False
   return any(field == k or (k.endswith('.*') and field.startswith(k[:-1]))
              for k in SAFE_ON_RESUME)
 

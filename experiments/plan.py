@@ -7,13 +7,13 @@ keyed by `SynthesisConfig.algorithm`.
 
 import dataclasses
 import functools
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 from jax.sharding import Mesh
 
 from cmi_jax import distill, parallel
-from cmi_jax.synthesis import algorithms, gan
+from cmi_jax.synthesis import algorithms, bank, gan
 from cmi_jax.synthesis.round_kit import RoundOutput
 
 
@@ -26,9 +26,21 @@ class Steps:
   kd: Optional[Callable] = None
 
 
-def compile_plan(mesh: Mesh, synth, pre_synth, kd_cfg, fresh: bool) -> Steps:
+def synth_shardings(mesh: Mesh, synth_state: Any, pool_mode: str = 'device') -> Any:
+  """The shardings of a pool method's synthesis state (or of its `jax.eval_shape`):
+  everything replicated, the image pool as `kd.pool_mode` places it
+  (`bank.ring_shardings`: 'sharded' splits its capacity axis over 'data')."""
+  rep = parallel.replicated(mesh)
+  shardings = jax.tree_util.tree_map(lambda _: rep, synth_state)
+  return shardings.replace(pool=bank.ring_shardings(synth_state.pool, mesh, pool_mode))
+
+
+def compile_plan(mesh: Mesh, synth, pre_synth, kd_cfg, fresh: bool,
+                 state_shardings: Optional[Any] = None) -> Steps:
   """jit-wraps the synthesis round (or GAN generator steps) and the KD chunk for
   `mesh`: inputs replicated, state donated, batch arrays split along 'data'.
+  state_shardings: the synthesis state's (`synth_shardings`; None: replicated, the
+  'device' pool). The KD chunk takes its pool where it lies.
 
   Raises ValueError when a batch size does not divide over the devices (the
   steps also check it when traced: `parallel.constrain`).
@@ -45,8 +57,8 @@ def compile_plan(mesh: Mesh, synth, pre_synth, kd_cfg, fresh: bool) -> Steps:
         steps.pre_round = steps.round
         continue
       fn = functools.partial(algorithms.get(cfg.algorithm).round, cfg, data_sharding=shard)
-      setattr(steps, name, jax.jit(fn, donate_argnums=(2,),
-                                   out_shardings=(rep, RoundOutput(shard, shard, rep))))
+      setattr(steps, name, jax.jit(fn, donate_argnums=(2,), out_shardings=(
+          rep if state_shardings is None else state_shardings, RoundOutput(shard, shard, rep))))
   steps.kd = jax.jit(functools.partial(distill.kd_steps, kd_cfg, data_sharding=shard),
                      static_argnums=(4,), donate_argnums=(0,), out_shardings=rep)
   return steps

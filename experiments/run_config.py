@@ -12,7 +12,9 @@ from absl import logging
 from cmi_jax import classifiers, data, distill, models
 from cmi_jax.errors import ConfigError
 from cmi_jax.state import cosine_per_epoch, multistep_per_epoch, sgd
+from cmi_jax.pool_checkpoint import POOL_CHECKPOINTS
 from cmi_jax.synthesis import presets
+from cmi_jax.synthesis.bank import POOL_MODES
 from cmi_jax.synthesis.config import LossWeights, SynthesisConfig
 
 
@@ -73,10 +75,44 @@ def _validate(cfg) -> None:
        'the extracted cmi-preinverted-wrn402/) or a synthetic.npz'),
       ('kd.init_pool', k.init_pool, not k.init_pool or k.mode == 'pool',
        "init images join the image pool: they need kd.mode='pool' (not a GAN baseline)"),
+      ('kd.pool_mode', k.pool_mode, k.pool_mode in POOL_MODES, f'must be one of {POOL_MODES}'),
+      ('log.pool_checkpoint', cfg.log.pool_checkpoint, cfg.log.pool_checkpoint in
+       POOL_CHECKPOINTS, f'must be one of {POOL_CHECKPOINTS}'),
+      ('log.pool_checkpoint', cfg.log.pool_checkpoint, cfg.log.pool_checkpoint == 'full' or
+       _process_count() == 1, "'incremental' is single-host: a multi-host run uses 'full'"),
   ]:
     if not ok:
       bad(field, value, must)
+  _check_pool_shards(cfg)
   synthesis_config(cfg, dataset_info(cfg), cfg.synthesis.weights.to_dict())
+
+
+def _process_count() -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_count()
+
+
+def pool_shards(cfg) -> int:
+  """Devices the pool's slots are split over: the mesh's with kd.pool_mode='sharded', else 1."""
+  if cfg.kd.get('pool_mode', 'device') != 'sharded' or cfg.kd.mode != 'pool':
+    return 1
+  import jax  # pylint: disable=g-import-not-at-top
+  visible = jax.device_count()
+  return cfg.mesh.num_devices if 0 < cfg.mesh.num_devices <= visible else visible
+
+
+def _check_pool_shards(cfg) -> None:
+  """kd.pool_mode='sharded' splits the pool's slots over the mesh's devices: evenly."""
+  n = pool_shards(cfg)
+  size = cfg.synthesis.pool_size
+  if n == 1:
+    return
+  if size % n:
+    raise ConfigError(
+        f"config.synthesis.pool_size={size} is invalid with kd.pool_mode='sharded': it must "
+        f'divide over the mesh\'s {n} devices (each holds pool_size / {n} slots); use a '
+        f'multiple of {n}, e.g. --config.synthesis.pool_size={size - size % n or n}, or '
+        "kd.pool_mode='device'.")
 
 
 def _check_method(cfg) -> None:
@@ -112,6 +148,7 @@ def synthesis_config(cfg, info: data.DatasetInfo, weights: Dict[str, float]) -> 
   s = cfg.synthesis.to_dict()
   s['weights'] = LossWeights(**weights)
   s['betas'], s['local_scale'] = tuple(s['betas']), tuple(s['local_scale'])
+  s['pool_shards'] = pool_shards(cfg)
   if s['global_padding'] < 0:
     s['global_padding'] = info.crop_padding
   # adv_start_round / reset_l0_round None: derived from the warm-up, as the reference.

@@ -9,6 +9,7 @@ Kept separate from the absl entry point so tests can call `run(cfg, workdir)`.
 import contextlib
 import dataclasses
 import functools
+import os
 import time
 from typing import Any, Callable, Dict, List, Optional
 
@@ -17,7 +18,8 @@ from tqdm import tqdm
 
 from cmi_jax import data, distill, models, parallel, report
 from cmi_jax.checkpoint import Checkpointer
-from cmi_jax.errors import ConfigError
+from cmi_jax.errors import CheckpointError, ConfigError
+from cmi_jax.pool_checkpoint import PoolCheckpointer, without_pool
 from cmi_jax.state import create_classifier_state, rng_stream
 from cmi_jax.synthesis import algorithms, footprint, gan
 from cmi_jax.synthesis.round_kit import check_teacher
@@ -25,7 +27,7 @@ from cmi_jax.synthesis.config import SynthesisConfig
 from cmi_jax.teacher import Teacher
 from experiments import evaluation, guard, resume, summary
 from experiments.inputs import load_init_pool, load_teacher, load_test_split
-from experiments.plan import compile_plan
+from experiments.plan import compile_plan, synth_shardings
 from experiments.resume import StopSignal
 from experiments.run_config import (Plan, checked_mesh, dataset_info, kd_config, make_plan,
                                     pre_synthesis_config, student_tx, synthesis_config, tx_lr,
@@ -54,6 +56,10 @@ class Session:
   keys: Dict[str, jax.Array]   # 'synthesis', 'pre_synthesis', 'kd' streams
   preview: Optional[Callable]  # GAN baselines: fresh samples for the grids
   init: Optional[jax.Array] = None  # kd.init_pool's images [M, H, W, C] uint8 (replicated)
+  # log.pool_checkpoint='incremental': the pool's own checkpointer, and a bound on the
+  # images the pool received since its last save (RoundOutput sizes).
+  pool_ckpt: Optional[PoolCheckpointer] = None
+  pool_added: int = 0
 
   @property
   def fresh(self) -> bool:
@@ -105,16 +111,38 @@ def _setup(cfg, workdir: str, cleanup: contextlib.ExitStack):
   else:
     if synth.algorithm == 'cmi':  # CMI's head and bank, sized by D
       print(footprint.startup_message(synth, teacher))
-    state['synth'] = algorithms.get(synth.algorithm).init_state(synth, teacher,
-                                                                 rng_stream(root, 'head'))
+    init_synth = functools.partial(algorithms.get(synth.algorithm).init_state, synth)
+    if cfg.kd.pool_mode == 'device':
+      state['synth'] = init_synth(teacher, rng_stream(root, 'head'))
   state = parallel.replicate(mesh, state)
-  ckpt, state, meta = resume.open_checkpoints(cfg, workdir, state, plan.total_rounds, cleanup)
+  state_shardings = None
+  if not fresh and cfg.kd.pool_mode != 'device':
+    # The pool split over the devices from the start (never whole on one device); the
+    # jitted init gives the eager one's values (tests/test_pool.py).
+    key = rng_stream(root, 'head')
+    state_shardings = synth_shardings(mesh, jax.eval_shape(init_synth, teacher, key),
+                                      cfg.kd.pool_mode)
+    state['synth'] = parallel.init_sharded(init_synth, state_shardings, teacher, key)
+  pool_ckpt, saved = None, state
+  if cfg.log.pool_checkpoint == 'incremental' and not fresh:
+    pool_ckpt = PoolCheckpointer(os.path.join(workdir, 'pool'))
+    saved = dict(state, synth=state['synth'].replace(pool=without_pool(state['synth'].pool)))
+  ckpt, saved, meta = resume.open_checkpoints(cfg, workdir, saved, plan.total_rounds, cleanup)
+  if pool_ckpt is None:
+    state = saved
+  else:  # the pool from its chunks, into the fresh (replicated or sharded) pool
+    pool = pool_ckpt.restore(int(meta['round']), state['synth'].pool)
+    if int(meta['round']) and int(saved['synth'].pool.count) != int(pool.count):
+      raise CheckpointError(f'The pool manifest of round {meta["round"]} in {pool_ckpt.directory} '
+                            'does not match its checkpoint (pool count); delete the workdir.')
+    state = dict(saved, synth=saved['synth'].replace(pool=pool))
   writer = report.MetricWriter(workdir, enabled=parallel.is_main_process())
   writer.truncate_after(meta['round'])  # rows a crashed run wrote after its last checkpoint
   writer.write_json('config.json', cfg.to_dict())
 
   guard.phase('compile')
-  fns = compile_plan(mesh, synth, pre_synthesis_config(cfg, synth), kd_config(cfg, info), fresh)
+  fns = compile_plan(mesh, synth, pre_synthesis_config(cfg, synth), kd_config(cfg, info), fresh,
+                     state_shardings)
   if test is not None and meta['teacher_accuracy'] is None:
     meta['teacher_accuracy'] = evaluation.teacher_accuracy(cfg, teacher, info, test)
   preview = None
@@ -124,7 +152,7 @@ def _setup(cfg, workdir: str, cleanup: contextlib.ExitStack):
   session = Session(cfg, workdir, info, synth, plan, teacher, student_module, test, fns,
                     distill.make_eval_fn(student_module.apply, info.mean, info.std), writer,
                     ckpt, {n: rng_stream(root, n) for n in ('synthesis', 'pre_synthesis', 'kd')},
-                    preview, init)
+                    preview, init, pool_ckpt)
   return session, state, meta
 
 
@@ -150,6 +178,7 @@ def _synthesize(s: Session, state, r: int, row: Dict[str, Any]):
         jax.random.fold_in(s.keys['pre_synthesis' if pre else 'synthesis'], r),
         cfg.faults.round_retries, lambda o: o.metrics, f'Round {r + 1}')
     m, images, targets = out.metrics, out.images, out.targets
+    s.pool_added += images.shape[0]  # at most what the pool received (a skipped round: 0)
     if not ok:
       images = targets = None  # no grid of a skipped round
   row.update(summary.synthesis_row(m))
@@ -229,7 +258,15 @@ def _run(cfg, workdir: str, cleanup: contextlib.ExitStack, stop_signal: StopSign
       meta = {'round': r + 1, 'history': history,
               'teacher_accuracy': meta['teacher_accuracy']}
       guard.phase('checkpoint', r + 1)
-      s.ckpt.save(r + 1, state, meta)
+      saved = state
+      if s.pool_ckpt is not None:  # the pool's new rounds first: each checkpoint has its manifest
+        s.ckpt.wait()  # the previous save on disk (and listed) before manifests are pruned
+        pool = state['synth'].pool
+        s.pool_ckpt.save(r + 1, pool, s.pool_added)
+        s.pool_ckpt.prune(set(s.ckpt.all_steps()) | {r + 1})
+        s.pool_added = 0
+        saved = dict(state, synth=state['synth'].replace(pool=without_pool(pool)))
+      s.ckpt.save(r + 1, saved, meta)
       guard.phase('plots', r + 1)
     if plan.ends_epoch(r) and not last:  # the end of the run plots after the summary
       summary.plots(workdir, s.writer)

@@ -90,3 +90,18 @@ def test_time_to_accuracy_table(tmp_path):
   assert row[5] == '84.50 (83.00-86.00)'          # best
   assert row[6] == '33 (30-36)' and row[7] == '6.0'
   assert row[8] == '160 (128-192) |'
+
+
+@pytest.mark.slow
+def test_pool_memory_quick(tmp_path):
+  """The pool benchmark's quick path on the session's 4 fake devices: the sharded pool
+  costs each device 1/4 of the device pool's bytes per image (the images' own bytes)."""
+  from benchmarks import pool_memory  # pylint: disable=import-outside-toplevel
+  out = tmp_path / 'pool.json'
+  result = pool_memory.main(['--quick', '--out', str(out)])
+  assert json.loads(out.read_text())['kd_speed'] == result['kd_speed']
+  rows = {(r['shape'], r['mode']): r for r in result['memory']}
+  assert rows[('224x224x3', 'device')]['kd_chunk_bytes_per_image_per_device'] == 224 * 224 * 3
+  assert rows[('224x224x3', 'sharded')]['kd_chunk_bytes_per_image_per_device'] == 224 * 224 * 3 / 4
+  assert result['kd_speed']['ratio_sharded_to_device'] > 0
+  assert result['checkpoint']['ratio_incremental_to_full'] > 0

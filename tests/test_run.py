@@ -377,6 +377,8 @@ def test_missing_teacher_checkpoint(tmp_path):
     ('kd', 'mode', 'online', ['kd.mode', 'online']),
     ('data', 'name', 'stl10', ['stl10', 'data.name']),
     ('synthesis', 'synthesizer', 'vae', ['synthesis.synthesizer', 'vae']),
+    ('kd', 'pool_mode', 'host', ['kd.pool_mode', 'host', "('device', 'sharded')"]),
+    ('log', 'pool_checkpoint', 'delta', ['log.pool_checkpoint', 'delta', 'incremental']),
     ('method', None, 'cmi_typo', ['cmi_typo', 'cmi_two_stage', 'dafl']),
 ])
 def test_invalid_config(tmp_path, section, field, value, patterns):

@@ -4,6 +4,16 @@ A `RingBuffer` holds a pytree of arrays with a leading capacity axis, the next
 write position and the number of filled slots. Slots fill in order 0, 1, ...
 and wrap around once full, so slot i is filled iff i < count. Adding and
 sampling are pure jittable functions; nothing leaves the device.
+
+Where a buffer lives is its arrays' sharding, not its code (`POOL_MODES`,
+`ring_shardings`): 'device' replicates it on every device (the default: reads
+are local gathers); 'sharded' splits the capacity axis over the mesh's 'data'
+axis, so each of n devices holds capacity / n slots (a pool too big for one
+device). The same `ring_add` / `ring_sample` run on either: under jit XLA turns
+the gather of a replicated index vector from a sharded store into per-device
+masked gathers plus one all-reduce of the [k, ...] batch (and the write into a
+masked local scatter), so the sampled indices, and so the batches, are the same
+bits in both modes. tests/test_pool.py checks both claims.
 """
 
 from typing import Any, Tuple
@@ -11,6 +21,12 @@ from typing import Any, Tuple
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import Mesh
+
+from cmi_jax import parallel
+
+# kd.pool_mode: where the image pool lives (module docstring).
+POOL_MODES = ('device', 'sharded')
 
 
 @struct.dataclass
@@ -31,6 +47,22 @@ def ring_init(capacity: int, item_spec: Any) -> RingBuffer:
   data = jax.tree_util.tree_map(lambda s: jnp.zeros((capacity,) + tuple(s.shape), s.dtype),
                                 item_spec)
   return RingBuffer(data, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def ring_shardings(buf: Any, mesh: Mesh, mode: str) -> RingBuffer:
+  """The shardings of a buffer (or of its `jax.eval_shape`) in pool mode `mode`:
+  'device' every leaf replicated; 'sharded' the data leaves split along their
+  capacity axis over the mesh's 'data' axis, the write position and count
+  replicated. Raises ValueError for another mode or a capacity that does not
+  divide over the devices."""
+  if mode not in POOL_MODES:
+    raise ValueError(f'pool mode {mode!r} is invalid: must be one of {POOL_MODES}.')
+  rep = parallel.replicated(mesh)
+  if mode == 'device':
+    return jax.tree_util.tree_map(lambda _: rep, buf)
+  parallel.check_divisible(mesh, pool_size=buf.capacity)
+  split = parallel.batch_sharded(mesh)
+  return RingBuffer(jax.tree_util.tree_map(lambda _: split, buf.data), rep, rep)
 
 
 def ring_add(buf: RingBuffer, items: Any, enabled: jax.Array = True) -> RingBuffer:

@@ -68,6 +68,9 @@ class SynthesisConfig:
   # (cmi_jax/synthesis/footprint.py). Too much: an error before anything compiles.
   memory_budget_gb: float = 0.0
   pool_size: int = 51200      # 200 rounds x 256 (the reference keeps every image)
+  # Devices the pool's slots are split over (the runner's kd.pool_mode='sharded'; 1:
+  # replicated). Only the memory check reads it: the round is the same program.
+  pool_shards: int = 1
   synthesizer: str = 'generator'
   # 'cmi' (2*ngf), 'large' (4*ngf, GAN baselines) or 'deep' (FastDFKD ImageNet: a spatial
   # latent [S/16, S/16, nz] into five conv blocks, cmi_jax.models.DeepGenerator)

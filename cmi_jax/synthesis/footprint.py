@@ -6,7 +6,8 @@ of 2D float32 features: D is the width of the teacher's contrastive features
 (`synthesis.feature_layers`). A resnet50 teacher with every BN input (D = 26560)
 needs a 705M-parameter head and an 8.7 GB bank; with 'stages' a few thousand
 dimensions. The head, its Adam moments, its gradient, the bank and the image pool
-are replicated on every device (cmi_jax.parallel), so each device holds all of it.
+are replicated on every device (cmi_jax.parallel), so each device holds all of it;
+a pool sharded over n devices (`pool_shards`, kd.pool_mode='sharded') counts 1/n.
 
 The budget per device: `synthesis.memory_budget_gb` when set (> 0); otherwise
 the device's `bytes_limit` from `memory_stats()` (GPU/TPU); otherwise (CPU, where
@@ -34,7 +35,7 @@ class Footprint(NamedTuple):
   head_params: int
   head_bytes: int     # params + gradient + Adam moments, float32
   bank_bytes: int     # [bank_size, 2D] float32
-  pool_bytes: int     # [pool_size, H, W, C] uint8 + [pool_size] int32 targets
+  pool_bytes: int     # [pool_size, H, W, C] uint8 + [pool_size] int32 targets, / pool_shards
   budget_bytes: int
   budget_source: str
 
@@ -92,7 +93,7 @@ def footprint(cfg: SynthesisConfig, d: int) -> Footprint:
   params = head_params(d, cfg.head_kind, cfg.head_dim)
   budget, source = memory_budget(cfg)
   return Footprint(d, params, _HEAD_COPIES * _F32 * params, cfg.bank_size * 2 * d * _F32,
-                   cfg.pool_size * (h * w * c + 4), budget, source)
+                   cfg.pool_size * (h * w * c + 4) // max(cfg.pool_shards, 1), budget, source)
 
 
 def check_fits(cfg: SynthesisConfig, d: int) -> Footprint:
