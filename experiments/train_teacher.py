@@ -146,7 +146,7 @@ def train(cfg, workdir: str) -> dict:
     labels = jnp.asarray(train_split.labels)
 
     @jax.jit
-    def in_memory_step(state, idx):
+    def in_memory_step(state, images, labels, idx):  # the split as arguments, not constants
       rng = jax.random.fold_in(aug_key, state.step)
       x = augment.standard_train_view(rng, images[idx], info.crop_padding, info.flip,
                                       info.mean, info.std)
@@ -174,7 +174,8 @@ def train(cfg, workdir: str) -> dict:
       if streamed(train_split):
         state, metrics = step_fn(state, *batches.next())
       else:
-        state, metrics = in_memory_step(state, jnp.asarray(order[i * bs:(i + 1) * bs]))
+        state, metrics = in_memory_step(state, images, labels,
+                                        jnp.asarray(order[i * bs:(i + 1) * bs]))
       step += 1
       bar.update(1)
       if step % cfg.log.every_steps == 0:
