@@ -15,8 +15,15 @@ same workdir is used again (mid-epoch too: the shuffling of every epoch is a
 function of (seed, epoch), so a resumed run sees the same batches). At the end
 the teacher is exported to <workdir>/teacher (or `export_dir`) in the format
 `cmi_jax.teacher_io.load_teacher` reads.
+
+A split held in memory (every dataset but ImageNet) lives on the device and is
+augmented there (crop + flip, cmi_jax.augment). ImageNet's train split streams:
+each batch is decoded on the host through RandomResizedCrop + flip
+(cmi_jax.data.images.decode_train) while the previous step runs, with draws
+that are a function of (seed, step), so the resume stays exact.
 """
 
+import concurrent.futures
 import os
 import time
 
@@ -29,6 +36,7 @@ from tqdm import tqdm
 
 from cmi_jax import augment, data, models
 from cmi_jax.checkpoint import Checkpointer, abstract
+from cmi_jax.data.images import train_draws
 from cmi_jax.distill import classifier_step, evaluate, make_eval_fn, supervised_loss
 from cmi_jax.report import MetricWriter
 from cmi_jax.state import create_classifier_state, sgd
@@ -42,6 +50,51 @@ def lr_schedule(train_cfg, steps_per_epoch: int, total_steps: int):
   """The learning rate per step from the config's train section (run_config.epoch_schedule:
   'cosine', the default, per step; 'multistep', the reference's train_scratch.py)."""
   return epoch_schedule(train_cfg, steps_per_epoch, total_steps, 'train')
+
+
+def streamed(split: data.Split) -> bool:
+  """Whether a split's images stay on disk (ImageNet) rather than in memory."""
+  return isinstance(split.images, data.FolderImages)
+
+
+class StreamedBatches:
+  """The batches of a streamed train split, decoded through the train transform one
+  step ahead on a host thread (the device runs the step meanwhile).
+
+  Step s takes the images `order[i * B:(i + 1) * B]` of its epoch's shuffle and the
+  draws `data.images.train_draws(seed, s, B)`: nothing depends on what ran before,
+  so a resumed run decodes the same batches.
+  """
+
+  def __init__(self, split: data.Split, info: data.DatasetInfo, seed: int, batch_size: int):
+    self.split, self.info, self.seed, self.bs = split, info, seed, batch_size
+    self.pool = concurrent.futures.ThreadPoolExecutor(1)
+    self.pending = None
+    self.queue = []
+
+  def _decode(self, idx: np.ndarray, step: int):
+    draws, flips = train_draws(self.seed, step, len(idx))
+    x = self.split.images.train_views(idx, draws, flips, self.info.crop_scale)
+    return x, self.split.labels[idx]  # [B, H, W, C] uint8, [B] int32
+
+  def start(self, order: np.ndarray, first: int, step: int, count: int) -> None:
+    """Queues `count` steps: batch `first + k` of the epoch's `order` at global step
+    `step + k`."""
+    self.queue = [(order[(first + k) * self.bs:(first + k + 1) * self.bs], step + k)
+                  for k in range(count)]
+    self._submit()
+
+  def _submit(self) -> None:
+    self.pending = self.pool.submit(self._decode, *self.queue.pop(0)) if self.queue else None
+
+  def next(self):
+    """The next step's (images, labels); starts decoding the one after."""
+    out = self.pending.result()  # re-raises a decoding error (file named)
+    self._submit()
+    return out
+
+  def close(self) -> None:
+    self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def train(cfg, workdir: str) -> dict:
@@ -76,21 +129,32 @@ def train(cfg, workdir: str) -> dict:
     history = meta.get('history', [])
     logging.info('Resumed from step %d (%s).', int(state.step), ckpt.directory)
 
-  images = jnp.asarray(train_split.images)  # device-resident training set
-  labels = jnp.asarray(train_split.labels)
-
-  @jax.jit
-  def train_step(state, images, labels, idx):
-    rng = jax.random.fold_in(aug_key, state.step)
-    x = augment.standard_train_view(rng, images[idx], info.crop_padding, info.flip,
-                                    info.mean, info.std)
-    y = labels[idx]
+  def fit(state, x, y):  # x: [B, H, W, C] normalized, y: [B]
     state, m = classifier_step(state, x, supervised_loss(y))
     acc = jnp.mean(jnp.argmax(m['logits'], -1) == y)
     return state, {'loss': m['loss'], 'accuracy': 100.0 * acc, 'lr': schedule(state.step - 1)}
 
+  if streamed(train_split):
+    if not info.crop_scale:
+      raise ValueError(f'{cfg.data.name} streams its train split but has no RandomResizedCrop '
+                       'scale (DatasetInfo.crop_scale) to train on.')
+    batches = StreamedBatches(train_split, info, cfg.seed, bs)
+    step_fn = jax.jit(lambda state, x, y: fit(state, augment.normalize(augment.to_float(x),
+                                                                       info.mean, info.std), y))
+  else:
+    images = jnp.asarray(train_split.images)  # device-resident training set
+    labels = jnp.asarray(train_split.labels)
+
+    @jax.jit
+    def in_memory_step(state, images, labels, idx):  # the split as arguments, not constants
+      rng = jax.random.fold_in(aug_key, state.step)
+      x = augment.standard_train_view(rng, images[idx], info.crop_padding, info.flip,
+                                      info.mean, info.std)
+      return fit(state, x, labels[idx])
+
   eval_fn = make_eval_fn(module.apply, info.mean, info.std)
   writer = MetricWriter(workdir)
+  writer.truncate_after(int(state.step))  # rows a crashed run logged after its checkpoint
   writer.write_json('config.json', cfg.to_dict())
 
   def save(step):
@@ -103,9 +167,15 @@ def train(cfg, workdir: str) -> dict:
   while step < total_steps:
     epoch = step // steps_per_epoch
     order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
-    for i in range(step % steps_per_epoch, steps_per_epoch):
-      idx = jnp.asarray(order[i * bs:(i + 1) * bs])
-      state, metrics = train_step(state, images, labels, idx)
+    first = step % steps_per_epoch
+    if streamed(train_split):
+      batches.start(order, first, step, steps_per_epoch - first)
+    for i in range(first, steps_per_epoch):
+      if streamed(train_split):
+        state, metrics = step_fn(state, *batches.next())
+      else:
+        state, metrics = in_memory_step(state, images, labels,
+                                        jnp.asarray(order[i * bs:(i + 1) * bs]))
       step += 1
       bar.update(1)
       if step % cfg.log.every_steps == 0:
@@ -125,6 +195,8 @@ def train(cfg, workdir: str) -> dict:
               f'loss {ev["loss"]:.4f}')
     save(step)
   bar.close()
+  if streamed(train_split):
+    batches.close()
 
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   final = history[-1] if history else {}

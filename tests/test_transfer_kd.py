@@ -3,7 +3,20 @@ vanilla_kd.py) end to end on the shipped teacher: a small set synthesized by
 experiments/synthesize.py, KD on it through the CLI, the student above chance on
 the real Fashion-MNIST test split; a run stopped after some steps and resumed
 ends bit for bit where the uninterrupted one ends; bad input is one clear error
-before anything compiles (in-process) and one `error:` line (the CLI)."""
+before anything compiles (in-process) and one `error:` line (the CLI).
+
+The margin: the student must reach chance + 15 points (> 25 % on 1000 test images;
+the teacher has 94.9 %). The budget is one CMI round (64 images, 40 generator steps)
+and 96 KD steps of batch 16; the generator's Adam runs at lr_g 0.03, not the preset's
+1e-3, which over 40 steps from a fresh generator leaves noise-like blobs (the student
+then stayed at 10.6-15.6 %). With 0.03 the images are silhouettes on a black ground.
+Measured (Python 3.12, jax 0.12, 2-core CPU): this test 33.1 %; in-process runs of the
+same recipe 35.9 %, and 29.1 % / 33.7 % with another synthesis / KD seed; lr_g 0.01 /
+0.05 / 0.1 gave 25.6 / 30.4 / 21.7 %, and 48 epochs, T 20, batch 32 or 64, lr 0.05 or
+a label term no more than 35.4 %. A platform's float rounding moves the result as a
+seed does (the old recipe measured 15.3 % on one machine, 11.5 % on this one), so the
+bound sits below the lowest seed seen, 29.1 %: 15 points over chance, not the 3 of
+before."""
 
 import json
 import os
@@ -26,7 +39,7 @@ TEACHER = os.path.join(ROOT, 'teachers', 'fashion_mnist_wrn_16_2')
 N_IMAGES, SYNTH_BATCH, G_STEPS = 64, 64, 40   # one CMI round
 EPOCHS, BATCH, MILESTONE = 24, 16, 18          # 4 steps per epoch, 96 steps
 STEPS_PER_EPOCH = N_IMAGES // BATCH
-MARGIN = 3.0  # percentage points over chance (10 %) the student must reach (measured: 15.3 %)
+MARGIN = 15.0  # percentage points over chance (10 %) the student must reach (measured: 33.1 %)
 # Rows every 2 steps (chunks of 2), a checkpoint every 4 steps and each epoch; lr 0.02
 # (0.1 from scratch is unstable in eval mode over so few steps), T 4.
 OVERRIDES = {'kd.epochs': EPOCHS, 'kd.batch_size': BATCH, 'kd.temperature': 4.0,
@@ -61,7 +74,8 @@ def synthetic(tmp_path_factory):
   out = str(tmp_path_factory.mktemp('synthetic'))
   teacher, cfg, _ = synthesize.build(
       TEACHER, 'cmi', N_IMAGES, SYNTH_BATCH, G_STEPS,
-      overrides={'n_neg': '64', 'bank_size': '256', 'ngf': '16', 'nz': '32', 'head_dim': '32'})
+      overrides={'n_neg': '64', 'bank_size': '256', 'ngf': '16', 'nz': '32', 'head_dim': '32',
+                 'lr_g': '0.03'})  # formed images within 40 steps: see the module docstring
   synthesize.synthesize_dataset(teacher, cfg, N_IMAGES, out, progress=False)
   return os.path.join(out, synthesize.NPZ)
 

@@ -56,9 +56,10 @@ DATASETS: Dict[str, DatasetInfo] = {
         default_dirs=('/usr/share/datasets/fashion-mnist',),
         install_hint='apt-get update && apt-get install -y dataset-fashion-mnist',
         tfds_name='fashion_mnist', shipped_splits=('test',), layout='idx'),
-    # The reference resizes MNIST to 32 (DF:registry.py:95-109): data.image_size=32.
+    # The reference resizes MNIST to 32 (DF:registry.py:95-109): data.image_size=32; its
+    # train transform is that resize alone (no crop, no flip).
     'mnist': DatasetInfo(
-        'mnist', (28, 28, 1), 10, (0.1307,), (0.3081,), 2, False,
+        'mnist', (28, 28, 1), 10, (0.1307,), (0.3081,), 0, False,
         default_dirs=('/usr/share/datasets/mnist',), tfds_name='mnist', layout='idx',
         install_hint='put the four MNIST *-idx?-ubyte[.gz] files in data.dir'),
     'cifar10': DatasetInfo(

@@ -1,4 +1,5 @@
-"""Image files decoded with PIL, resized as torchvision's eval transforms do, and
+"""Image files decoded with PIL, resized as torchvision's eval transforms do, or
+cropped as its RandomResizedCrop + RandomHorizontalFlip train transform does, and
 `FolderImages`: a split's images decoded batch by batch, on access.
 
 Decoding converts every image to RGB, as torchvision's `default_loader` does
@@ -7,6 +8,7 @@ grayscale or CMYK.
 """
 
 import concurrent.futures
+import math
 import os
 from typing import Sequence, Tuple
 
@@ -44,38 +46,122 @@ def resize_center_crop(img, resize: int, crop: int):
   return img
 
 
-def decode(path: str, resize: int, crop: int, channels: int = 3) -> np.ndarray:
-  """One image file -> [crop, crop, channels] uint8 (RGB, or L for one channel)."""
+def _open(path: str, channels: int):
+  """The decoded PIL image (RGB, or L for one channel); errors name the file and the fix."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
     with Image.open(path) as img:
-      img = img.convert('RGB' if channels == 3 else 'L')
+      return img.convert('RGB' if channels == 3 else 'L')
   except FileNotFoundError as e:
     raise DataNotFoundError(f'Image {path} vanished after the folder was listed; restore it '
                             'or point data.dir at a complete copy.') from e
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise DataCorruptError(f'Cannot decode image {path} ({type(e).__name__}: {e}); it is '
                            f'truncated or not an image. {REPLACE}') from e
+
+
+def decode(path: str, resize: int, crop: int, channels: int = 3) -> np.ndarray:
+  """One image file -> [crop, crop, channels] uint8 (RGB, or L for one channel)."""
+  img = _open(path, channels)
   if resize < crop:
     raise ValueError(f'resize={resize} is smaller than the crop {crop}.')
   arr = np.asarray(resize_center_crop(img, resize, crop), np.uint8)
   return arr if channels == 3 else arr[..., None]
 
 
-def decode_all(paths: Sequence[str], resize: int, crop: int, channels: int = 3) -> np.ndarray:
-  """[N, crop, crop, channels] uint8, decoded on a few threads (PIL releases the GIL)."""
-  out = np.empty((len(paths), crop, crop, channels), np.uint8)
-  if len(paths) <= 8:
-    for i, p in enumerate(paths):
-      out[i] = decode(p, resize, crop, channels)
+def _decode_many(n: int, shape: Tuple[int, int, int], one) -> np.ndarray:
+  """[n, *shape] uint8 with out[i] = one(i), on a few threads (PIL releases the GIL)."""
+  out = np.empty((n,) + tuple(shape), np.uint8)
+  if n <= 8:
+    for i in range(n):
+      out[i] = one(i)
     return out
 
   def work(i):
-    out[i] = decode(paths[i], resize, crop, channels)
+    out[i] = one(i)
   with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-    for f in [pool.submit(work, i) for i in range(len(paths))]:
+    for f in [pool.submit(work, i) for i in range(n)]:
       f.result()  # re-raises the first decoding error
   return out
+
+
+def decode_all(paths: Sequence[str], resize: int, crop: int, channels: int = 3) -> np.ndarray:
+  """[N, crop, crop, channels] uint8, decoded on a few threads."""
+  return _decode_many(len(paths), (crop, crop, channels),
+                      lambda i: decode(paths[i], resize, crop, channels))
+
+
+# ---------------------------------------------------------------- train transform
+
+# torchvision RandomResizedCrop's defaults: aspect ratios (3/4, 4/3), 10 tries.
+RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+RRC_TRIES = 10
+RRC_DRAWS = 4  # uniforms per try: area fraction, log aspect ratio, top, left
+_TRAIN_STREAM = 0x52524331  # keeps the train-transform draws apart from other seeded streams
+
+
+def resized_crop_box(width: int, height: int, draws: np.ndarray, scale: Sequence[float],
+                     ratio: Sequence[float] = RRC_RATIO) -> Tuple[int, int, int, int]:
+  """The (top, left, height, width) crop of torchvision `RandomResizedCrop.get_params`
+  for uniform draws in [0, 1) given up front.
+
+  Try t (draws[t] = u_area, u_ratio, u_top, u_left): target area = W * H * (s0 + u_area
+  * (s1 - s0)), aspect = exp(log r0 + u_ratio * (log r1 - log r0)), w = round(sqrt(area *
+  aspect)), h = round(sqrt(area / aspect)); accepted when 0 < w <= W and 0 < h <= H, then
+  top = floor(u_top * (H - h + 1)), left = floor(u_left * (W - w + 1)) (torch.randint's
+  range). The first accepted try wins. If none is: a centred crop of the whole image,
+  narrowed to the nearest aspect ratio in range when the image's own is outside it.
+
+  Args:
+    width, height: the image's size.
+    draws: [tries, 4] uniforms (RRC_TRIES tries for torchvision's behaviour).
+    scale, ratio: RandomResizedCrop's area-fraction and aspect-ratio ranges.
+  """
+  draws = np.asarray(draws, np.float64)
+  if draws.ndim != 2 or draws.shape[1] != RRC_DRAWS:
+    raise ValueError(f'draws must be [tries, {RRC_DRAWS}], got {draws.shape}.')
+  area = width * height
+  lo, hi = math.log(ratio[0]), math.log(ratio[1])
+  for u_area, u_ratio, u_top, u_left in draws:
+    target = area * (scale[0] + u_area * (scale[1] - scale[0]))
+    aspect = math.exp(lo + u_ratio * (hi - lo))
+    w = int(round(math.sqrt(target * aspect)))
+    h = int(round(math.sqrt(target / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      return int(u_top * (height - h + 1)), int(u_left * (width - w + 1)), h, w
+  own = width / height
+  if own < min(ratio):
+    w, h = width, int(round(width / min(ratio)))
+  elif own > max(ratio):
+    w, h = int(round(height * max(ratio))), height
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def decode_train(path: str, size: int, draws: np.ndarray, flip: bool,
+                 scale: Sequence[float], ratio: Sequence[float] = RRC_RATIO,
+                 channels: int = 3) -> np.ndarray:
+  """One image file through torchvision's `RandomResizedCrop(size, scale, ratio)` (crop
+  box from `resized_crop_box`, then a bilinear resize of the crop to size x size, as
+  `F.resized_crop` on a PIL image) and `RandomHorizontalFlip` (flipped where `flip`)
+  -> [size, size, channels] uint8."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  img = _open(path, channels)
+  top, left, h, w = resized_crop_box(img.size[0], img.size[1], draws, scale, ratio)
+  img = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
+  if flip:
+    img = img.transpose(Image.FLIP_LEFT_RIGHT)
+  arr = np.asarray(img, np.uint8)
+  return arr if channels == 3 else arr[..., None]
+
+
+def train_draws(seed: int, step: int, batch: int) -> Tuple[np.ndarray, np.ndarray]:
+  """The random numbers of one step's train transform: ([batch, RRC_TRIES, RRC_DRAWS]
+  crop uniforms, [batch] flip coins), a function of (seed, step) only (numpy's
+  generator seeded with them), so a resumed run crops every image as before."""
+  rng = np.random.default_rng([seed, _TRAIN_STREAM, step])
+  return rng.random((batch, RRC_TRIES, RRC_DRAWS)), rng.random(batch) < 0.5
 
 
 def resize_arrays(images: np.ndarray, size: int) -> np.ndarray:
@@ -123,6 +209,14 @@ class FolderImages:
       return decode(self.paths[index], self.resize, self.crop, self.channels)
     return decode_all(list(self.paths[np.asarray(index)]), self.resize, self.crop,
                       self.channels)
+
+  def train_views(self, index, draws: np.ndarray, flips: np.ndarray, scale: Sequence[float],
+                  ratio: Sequence[float] = RRC_RATIO) -> np.ndarray:
+    """[len(index), crop, crop, channels] uint8: images `index` through the train
+    transform (`decode_train`), image i with draws[i] and flips[i] (`train_draws`)."""
+    paths = list(self.paths[np.asarray(index)])
+    return _decode_many(len(paths), self.shape[1:], lambda i: decode_train(
+        paths[i], self.crop, draws[i], bool(flips[i]), scale, ratio, self.channels))
 
   def __array__(self, dtype=None, copy=None):
     del copy  # always a fresh array
