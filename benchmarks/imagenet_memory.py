@@ -72,11 +72,20 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument('--batches', default='2,4')
   ap.add_argument('--out', default='benchmarks/results/imagenet_memory.json')
+  ap.add_argument('--resume', action='store_true',
+                  help='keep the rows already in --out and measure only the missing ones '
+                       '(each compile pair takes minutes on a CPU)')
   args = ap.parse_args()
   b0, b1 = (int(x) for x in args.batches.split(','))
   rows = []
+  if args.resume and os.path.exists(args.out):
+    with open(args.out) as f:
+      rows = [r for r in json.load(f)['rows'] if r['batches'] == [b0, b1]]
+  done = {(r['call'], r['dtype'], r['remat']) for r in rows}
   for what, fn in (('round', round_bytes), ('kd_step', kd_bytes)):
     for dtype, remat in SETTINGS:
+      if (what, dtype, remat) in done:
+        continue
       t0 = time.time()
       p0, p1 = fn(b0, dtype, remat), fn(b1, dtype, remat)
       slope = (p1 - p0) / (b1 - b0)

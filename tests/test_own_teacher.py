@@ -254,12 +254,18 @@ def test_own_teacher_directory_and_the_synthesize_cli(tmp_path):
     teacher_io.load_teacher(tmp_path / 'x.pth', arch=spec, num_classes=10, input_shape=SHAPE)
 
 
-def test_runner_distills_from_an_own_model(tmp_path):
+def _own_runner_config():
   from tests.test_run import tiny_config  # pylint: disable=g-import-not-at-top
-  from experiments import runner  # pylint: disable=g-import-not-at-top
   cfg = tiny_config(epochs=1, rounds_per_epoch=1)
   cfg.teacher.arch = 'tests.test_own_teacher:OwnNet'
   cfg.data.eval_limit = 16
+  return cfg
+
+
+def test_runner_refuses_a_missing_or_too_large_own_model(tmp_path):
+  """Both refused before anything compiles (a wrong attribute, a head over the budget)."""
+  from experiments import runner  # pylint: disable=g-import-not-at-top
+  cfg = _own_runner_config()
   bad = cfg.copy_and_resolve_references()
   bad.teacher.arch = 'tests.test_own_teacher:Nothing'
   with pytest.raises(ConfigError, match='config.teacher.arch=.*has no attribute'):
@@ -268,6 +274,12 @@ def test_runner_distills_from_an_own_model(tmp_path):
   small.synthesis.memory_budget_gb = 1e-6  # 1 kB: the head alone is larger
   with pytest.raises(ConfigError, match='D=32.*does not fit'):
     runner.run(small, str(tmp_path / 'small'))
+
+
+@pytest.mark.slow  # ~25 s: a whole runner run; the synthesize paths cover own models by default
+def test_runner_distills_from_an_own_model(tmp_path):
+  from experiments import runner  # pylint: disable=g-import-not-at-top
+  cfg = _own_runner_config()
   summary = runner.run(cfg, str(tmp_path / 'run'))
   rows = report.read_metrics(os.path.join(tmp_path, 'run', 'metrics.jsonl'))
   assert summary['teacher'] == 'tests.test_own_teacher:OwnNet'
