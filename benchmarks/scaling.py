@@ -3,6 +3,8 @@
   python -m benchmarks.scaling --quick              # ~2-3 min on 2 CPU cores
   python -m benchmarks.scaling                      # 32x32x3, wrn_16_2 -> wrn_16_1
   python -m benchmarks.scaling --devices=1,2,4,8    # e.g. on an 8-GPU host or a TPU slice
+  python -m benchmarks.scaling --imagenet           # 224x224x3 fast_imagenet round, both pool
+                                                    # modes (~20 min on 2 CPU cores)
 
 Weak scaling: the batch per device is fixed (--per_device, default 16), so the
 global synthesis and KD batches grow with the device count. For each count a
@@ -40,6 +42,12 @@ SETTINGS = {
                   g_steps=2, n_neg=256, bank_size=1024, kd_steps=4, repeats=3),
     'full': dict(image_shape=(32, 32, 3), teacher='wrn_16_2', student='wrn_16_1', nz=256, ngf=64,
                  g_steps=5, n_neg=4096, bank_size=40960, kd_steps=10, repeats=3),
+    # FastDFKD's ImageNet round (DeepGenerator, Reptile, RandomResizedCrop views) at 224
+    # pixels; resnet18 rather than the logged resnet50 so that a CPU compiles each device
+    # count in minutes. Run once per pool mode (kd.pool_mode).
+    'imagenet': dict(image_shape=(224, 224, 3), teacher='resnet18_imagenet',
+                     student='resnet18_imagenet', method='fast_imagenet', g_steps=1,
+                     kd_steps=2, repeats=2),
 }
 
 
@@ -131,13 +139,80 @@ def worker(n: int, per_device: int, s: dict) -> dict:
   }
 
 
-def _spawn(n: int, args) -> dict:
+def worker_imagenet(n: int, per_device: int, s: dict, pool_mode: str) -> dict:
+  """Times one fast_imagenet round and one KD chunk at 224 pixels on an n-device mesh,
+  the pool replicated ('device') or split over the devices ('sharded')."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from cmi_jax import distill, models, parallel  # pylint: disable=g-import-not-at-top
+  from cmi_jax.state import create_classifier_state, sgd  # pylint: disable=g-import-not-at-top
+  from cmi_jax.synthesis import fast  # pylint: disable=g-import-not-at-top
+  from cmi_jax.synthesis.api import make_config  # pylint: disable=g-import-not-at-top
+  from cmi_jax.teacher import Teacher  # pylint: disable=g-import-not-at-top
+  from experiments import plan  # pylint: disable=g-import-not-at-top
+
+  mesh = parallel.make_mesh(n)
+  shape = tuple(s['image_shape'])
+  b = per_device * n
+  key = jax.random.key(0)
+  t_mod, s_mod = models.get(s['teacher'], 1000), models.get(s['student'], 1000)
+  teacher = Teacher(t_mod, models.init(t_mod, key, (1,) + shape))
+  student = Teacher(s_mod, models.init(s_mod, jax.random.fold_in(key, 1), (1,) + shape))
+  cfg = make_config(dataset='imagenet', method=s['method'], batch_size=b, g_steps=s['g_steps'],
+                    pool_size=4 * b)
+  kd_cfg = distill.KDConfig(batch_size=b, temperature=1.0, crop_scale=(0.08, 1.0),
+                            mean=cfg.mean, std=cfg.std)
+  teacher, student = parallel.replicate(mesh, (teacher, student))
+  shardings = plan.synth_shardings(
+      mesh, jax.eval_shape(lambda t: fast.init_state(cfg, t, key), teacher), pool_mode)
+  state = parallel.init_sharded(lambda t: fast.init_state(cfg, t, key), shardings, teacher)
+  shardings = plan.synth_shardings(mesh, state, pool_mode)  # this state's own static fields
+  steps = plan.compile_plan(mesh, cfg, cfg, kd_cfg, fresh=False, state_shardings=shardings)
+  t = time.perf_counter()
+  round_fn = steps.round.lower(teacher, student, state, key).compile()
+  round_compile = time.perf_counter() - t
+  holder = {'state': state}
+
+  def one_round():
+    holder['state'], out = round_fn(teacher, student, holder['state'], key)
+    return out.images
+
+  jax.block_until_ready(one_round())
+  round_s = _median_time(one_round, s['repeats'])
+  pool = holder['state'].pool  # 1 + repeats rounds of B images
+  pool_spec = str(jax.tree_util.tree_leaves(pool.data)[0].sharding.spec)
+  kd_state = parallel.replicate(
+      mesh, create_classifier_state(s_mod, key, (1,) + shape, sgd(0.1, 0.9, 1e-4)))
+  t = time.perf_counter()
+  kd_fn = steps.kd.lower(kd_state, teacher, pool, key, s['kd_steps']).compile()
+  kd_compile = time.perf_counter() - t
+  kd_holder = {'state': kd_state}
+
+  def one_chunk():
+    kd_holder['state'], m = kd_fn(kd_holder['state'], teacher, pool, key)
+    return m
+
+  jax.block_until_ready(one_chunk())
+  chunk_s = _median_time(one_chunk, s['repeats'])
+  return {
+      'devices': n, 'pool_mode': pool_mode, 'pool_spec': pool_spec,
+      'backend': jax.default_backend(), 'jax': jax.__version__,
+      'device_kind': getattr(jax.devices()[0], 'device_kind', ''),
+      'synthesis': {'batch': b, 'g_steps': cfg.g_steps, 'round_s': round_s,
+                    'image_iterations_per_s': b * cfg.g_steps / round_s,
+                    'compile_s': round_compile},
+      'kd': {'batch': b, 'steps': s['kd_steps'], 'chunk_s': chunk_s,
+             'images_per_s': b * s['kd_steps'] / chunk_s, 'compile_s': kd_compile},
+  }
+
+
+def _spawn(n: int, args, pool_mode: str = '') -> dict:
   env = dict(os.environ)
   flags = [f for f in env.get('XLA_FLAGS', '').split()
            if not f.startswith('--xla_force_host_platform_device_count')]
   env['XLA_FLAGS'] = ' '.join(flags + [f'--xla_force_host_platform_device_count={n}'])
   cmd = [sys.executable, '-m', 'benchmarks.scaling', '--worker', str(n),
-         f'--per_device={args.per_device}'] + (['--quick'] if args.quick else [])
+         f'--per_device={args.per_device}'] + (['--quick'] if args.quick else []) + (
+             [f'--imagenet={pool_mode}'] if pool_mode else [])
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, check=False)
   if proc.returncode:
@@ -152,7 +227,16 @@ def main():
   ap.add_argument('--per_device', type=int, default=16, help='batch per device (weak scaling)')
   ap.add_argument('--out', default=os.path.join(RESULTS, 'scaling.json'))
   ap.add_argument('--worker', type=int, default=0, help=argparse.SUPPRESS)
+  ap.add_argument('--imagenet', nargs='?', const='device,sharded', default='',
+                  help='the 224-pixel fast_imagenet setting, for these pool modes '
+                       '(default per device: 2; writes scaling_imagenet.json)')
   args = ap.parse_args()
+  if args.imagenet:
+    setting = SETTINGS['imagenet']
+    if args.worker:
+      print(json.dumps(worker_imagenet(args.worker, args.per_device, setting, args.imagenet)))
+      return
+    return main_imagenet(args, setting)
   setting = SETTINGS['quick' if args.quick else 'full']
   if args.worker:
     print(json.dumps(worker(args.worker, args.per_device, setting)))
@@ -195,6 +279,36 @@ def main():
             # Other work on the host skews CPU timings: the 1-minute load before/after.
             'load_average_1min': [load_before[0], os.getloadavg()[0]]}
   write_result(args.out, result)
+
+
+def main_imagenet(args, setting):
+  """Each device count and pool mode in its own subprocess; overhead ratios against the
+  1-device, device-pool row (fake CPU devices share the cores: no speedup expected)."""
+  per_device = 2 if args.per_device == 16 else args.per_device  # 224 px: a small batch
+  args.per_device = per_device
+  out = args.out if args.out != os.path.join(RESULTS, 'scaling.json') else \
+      os.path.join(RESULTS, 'scaling_imagenet.json')
+  rows, t0, load_before = [], time.time(), os.getloadavg()
+  for n in (int(v) for v in args.devices.split(',')):
+    for mode in args.imagenet.split(','):
+      if mode == 'sharded' and n == 1:
+        continue  # one device: the same placement as 'device'
+      rows.append(_spawn(n, args, mode))
+      r = rows[-1]
+      # Weak scaling on shared cores: time per image relative to 1 device (1.0 = no
+      # partitioning overhead beyond sharing the cores).
+      for part, key in (('synthesis', 'image_iterations_per_s'), ('kd', 'images_per_s')):
+        r[part]['time_per_image_vs_1'] = rows[0][part][key] / r[part][key]
+      print(f"{n} device(s), pool {mode}: round {r['synthesis']['round_s']:.2f} s "
+            f"(x{r['synthesis']['time_per_image_vs_1']:.2f} per image vs 1), KD chunk "
+            f"{r['kd']['chunk_s']:.2f} s (x{r['kd']['time_per_image_vs_1']:.2f}); compile "
+            f"{r['synthesis']['compile_s']:.0f} + {r['kd']['compile_s']:.0f} s; pool {r['pool_spec']}"
+            f" ({time.time() - t0:.0f} s)", flush=True)
+      write_result(out, {
+          'benchmark': 'scaling_imagenet', 'setting': setting, 'per_device_batch': per_device,
+          'note': CPU_NOTE.format(cores=os.cpu_count()), 'cpu_count': os.cpu_count(),
+          'jax': rows[0]['jax'], 'rows': rows, 'total_s': time.time() - t0,
+          'load_average_1min': [load_before[0], os.getloadavg()[0]]})
 
 
 if __name__ == '__main__':

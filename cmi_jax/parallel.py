@@ -87,8 +87,18 @@ def replicate(mesh: Mesh, tree: Any) -> Any:
 def init_sharded(fn: Any, shardings: Any, *args: Any) -> Any:
   """`fn(*args)` computed straight into `shardings` (a tree like its output): jit
   with out_shardings, so an array split over the devices is never whole on one
-  device or on the host first (the state of a sharded pool)."""
-  return jax.jit(fn, out_shardings=shardings)(*args)
+  device or on the host first (the state of a sharded pool). Matched leaf by leaf:
+  a state built twice (here and for `shardings`) holds different optimizer objects
+  in its static fields, which a whole-tree match refuses."""
+  tree = []
+
+  def flat(*a):
+    leaves, treedef = jax.tree_util.tree_flatten(fn(*a))
+    tree.append(treedef)
+    return leaves
+
+  leaves = jax.jit(flat, out_shardings=jax.tree_util.tree_leaves(shardings))(*args)
+  return jax.tree_util.tree_unflatten(tree[-1], leaves)
 
 
 def shard_batch(mesh: Mesh, tree: Any) -> Any:

@@ -123,6 +123,8 @@ def _setup(cfg, workdir: str, cleanup: contextlib.ExitStack):
     state_shardings = synth_shardings(mesh, jax.eval_shape(init_synth, teacher, key),
                                       cfg.kd.pool_mode)
     state['synth'] = parallel.init_sharded(init_synth, state_shardings, teacher, key)
+    # The round's out_shardings must carry this state's own static fields (its optimizers).
+    state_shardings = synth_shardings(mesh, state['synth'], cfg.kd.pool_mode)
   pool_ckpt, saved = None, state
   if cfg.log.pool_checkpoint == 'incremental' and not fresh:
     pool_ckpt = PoolCheckpointer(os.path.join(workdir, 'pool'))
