@@ -377,6 +377,7 @@ def test_exact_resume_through_a_checkpoint(nets, round_fn, two_rounds, tmp_path)
   _close(jax.device_get(resumed), state2, rtol=0, what='resumed')
 
 
+@pytest.mark.slow  # ~21 s: two more round compiles; tests/test_parallel.py checks CMI's 1 vs 4
 def test_same_on_1_and_4_devices(nets, two_rounds):
   """The round as experiments/plan.py compiles it, on 1 and 4 fake devices."""
   teacher, student = nets
