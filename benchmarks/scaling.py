@@ -61,12 +61,51 @@ def _median_time(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
+def time_round(steps, teacher, student, state, key, repeats: int):
+  """(median seconds of one synthesis round, compile seconds, the state after the calls,
+  the last round's images); the round donates its state, so each call gets the last's."""
+  import jax  # pylint: disable=g-import-not-at-top
+  t = time.perf_counter()
+  round_fn = steps.round.lower(teacher, student, state, key).compile()
+  compile_s = time.perf_counter() - t
+  holder = {'state': state}
+
+  def one_round():
+    holder['state'], out = round_fn(teacher, student, holder['state'], key)
+    holder['images'] = out.images
+    return out.images
+
+  jax.block_until_ready(one_round())  # warm-up
+  median = _median_time(one_round, repeats)
+  return median, compile_s, holder['state'], holder['images']
+
+
+def time_kd_chunk(mesh, steps, s_mod, shape, teacher, pool, key, s: dict):
+  """(median seconds of one KD chunk of s['kd_steps'] steps on `pool`, compile seconds)
+  for a fresh student state of `s_mod`, compiled as the runner does (steps.kd)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from cmi_jax import parallel  # pylint: disable=g-import-not-at-top
+  from cmi_jax.state import create_classifier_state, sgd  # pylint: disable=g-import-not-at-top
+  kd_state = parallel.replicate(
+      mesh, create_classifier_state(s_mod, key, (1,) + shape, sgd(0.1, 0.9, 1e-4)))
+  t = time.perf_counter()
+  kd_fn = steps.kd.lower(kd_state, teacher, pool, key, s['kd_steps']).compile()
+  compile_s = time.perf_counter() - t
+  holder = {'state': kd_state}
+
+  def one_chunk():
+    holder['state'], m = kd_fn(holder['state'], teacher, pool, key)
+    return m
+
+  jax.block_until_ready(one_chunk())  # warm-up
+  return _median_time(one_chunk, s['repeats']), compile_s
+
+
 def worker(n: int, per_device: int, s: dict) -> dict:
   """Times one round and one KD chunk on an n-device mesh (runs in a subprocess)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from cmi_jax import distill, models, parallel  # pylint: disable=g-import-not-at-top
-  from cmi_jax.state import create_classifier_state, sgd  # pylint: disable=g-import-not-at-top
   from cmi_jax.synthesis import cmi  # pylint: disable=g-import-not-at-top
   from cmi_jax.synthesis.config import SynthesisConfig  # pylint: disable=g-import-not-at-top
   from cmi_jax.synthesis.bank import ring_add  # pylint: disable=g-import-not-at-top
@@ -97,34 +136,12 @@ def worker(n: int, per_device: int, s: dict) -> dict:
           'targets': jnp.zeros((cfg.pool_size,), jnp.int32)}))
   teacher, student, state = parallel.replicate(mesh, (teacher, student, state))
 
-  t = time.perf_counter()
-  round_fn = steps.round.lower(teacher, student, state, key).compile()
-  round_compile = time.perf_counter() - t
-  holder = {'state': state}
-
-  def one_round():
-    # The round donates its state: feed each call the previous call's state.
-    holder['state'], out = round_fn(teacher, student, holder['state'], key)
-    return out.images
-
-  images = jax.block_until_ready(one_round())  # warm-up
+  round_s, round_compile, state, images = time_round(steps, teacher, student, state, key,
+                                                     s['repeats'])
   images_sharding = str(images.sharding.spec)   # P('data'): split over the devices
-  round_s = _median_time(one_round, s['repeats'])
 
-  tx = sgd(0.1, 0.9, 1e-4)
-  kd_state = parallel.replicate(mesh, create_classifier_state(s_mod, key, (1,) + shape, tx))
-  pool = holder['state'].pool
-  t = time.perf_counter()
-  kd_fn = steps.kd.lower(kd_state, teacher, pool, key, s['kd_steps']).compile()
-  kd_compile = time.perf_counter() - t
-  kd_holder = {'state': kd_state}
-
-  def one_chunk():
-    kd_holder['state'], m = kd_fn(kd_holder['state'], teacher, pool, key)
-    return m
-
-  jax.block_until_ready(one_chunk())
-  chunk_s = _median_time(one_chunk, s['repeats'])
+  chunk_s, kd_compile = time_kd_chunk(mesh, steps, s_mod, shape, teacher,
+                                      state.pool, key, s)
   dev = jax.devices()[0]
   return {
       'devices': n, 'backend': jax.default_backend(), 'jax': jax.__version__,
@@ -144,7 +161,6 @@ def worker_imagenet(n: int, per_device: int, s: dict, pool_mode: str) -> dict:
   the pool replicated ('device') or split over the devices ('sharded')."""
   import jax  # pylint: disable=g-import-not-at-top
   from cmi_jax import distill, models, parallel  # pylint: disable=g-import-not-at-top
-  from cmi_jax.state import create_classifier_state, sgd  # pylint: disable=g-import-not-at-top
   from cmi_jax.synthesis import fast  # pylint: disable=g-import-not-at-top
   from cmi_jax.synthesis.api import make_config  # pylint: disable=g-import-not-at-top
   from cmi_jax.teacher import Teacher  # pylint: disable=g-import-not-at-top
@@ -167,32 +183,11 @@ def worker_imagenet(n: int, per_device: int, s: dict, pool_mode: str) -> dict:
   state = parallel.init_sharded(lambda t: fast.init_state(cfg, t, key), shardings, teacher)
   shardings = plan.synth_shardings(mesh, state, pool_mode)  # this state's own static fields
   steps = plan.compile_plan(mesh, cfg, cfg, kd_cfg, fresh=False, state_shardings=shardings)
-  t = time.perf_counter()
-  round_fn = steps.round.lower(teacher, student, state, key).compile()
-  round_compile = time.perf_counter() - t
-  holder = {'state': state}
-
-  def one_round():
-    holder['state'], out = round_fn(teacher, student, holder['state'], key)
-    return out.images
-
-  jax.block_until_ready(one_round())
-  round_s = _median_time(one_round, s['repeats'])
-  pool = holder['state'].pool  # 1 + repeats rounds of B images
+  round_s, round_compile, state, _ = time_round(steps, teacher, student, state, key,
+                                                s['repeats'])
+  pool = state.pool  # 1 + repeats rounds of B images
   pool_spec = str(jax.tree_util.tree_leaves(pool.data)[0].sharding.spec)
-  kd_state = parallel.replicate(
-      mesh, create_classifier_state(s_mod, key, (1,) + shape, sgd(0.1, 0.9, 1e-4)))
-  t = time.perf_counter()
-  kd_fn = steps.kd.lower(kd_state, teacher, pool, key, s['kd_steps']).compile()
-  kd_compile = time.perf_counter() - t
-  kd_holder = {'state': kd_state}
-
-  def one_chunk():
-    kd_holder['state'], m = kd_fn(kd_holder['state'], teacher, pool, key)
-    return m
-
-  jax.block_until_ready(one_chunk())
-  chunk_s = _median_time(one_chunk, s['repeats'])
+  chunk_s, kd_compile = time_kd_chunk(mesh, steps, s_mod, shape, teacher, pool, key, s)
   return {
       'devices': n, 'pool_mode': pool_mode, 'pool_spec': pool_spec,
       'backend': jax.default_backend(), 'jax': jax.__version__,
