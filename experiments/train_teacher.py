@@ -134,7 +134,8 @@ def train(cfg, workdir: str) -> dict:
     acc = jnp.mean(jnp.argmax(m['logits'], -1) == y)
     return state, {'loss': m['loss'], 'accuracy': 100.0 * acc, 'lr': schedule(state.step - 1)}
 
-  if streamed(train_split):
+  stream = streamed(train_split)
+  if stream:
     if not info.crop_scale:
       raise ValueError(f'{cfg.data.name} streams its train split but has no RandomResizedCrop '
                        'scale (DatasetInfo.crop_scale) to train on.')
@@ -168,10 +169,10 @@ def train(cfg, workdir: str) -> dict:
     epoch = step // steps_per_epoch
     order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
     first = step % steps_per_epoch
-    if streamed(train_split):
+    if stream:
       batches.start(order, first, step, steps_per_epoch - first)
     for i in range(first, steps_per_epoch):
-      if streamed(train_split):
+      if stream:
         state, metrics = step_fn(state, *batches.next())
       else:
         state, metrics = in_memory_step(state, images, labels,
@@ -195,7 +196,7 @@ def train(cfg, workdir: str) -> dict:
               f'loss {ev["loss"]:.4f}')
     save(step)
   bar.close()
-  if streamed(train_split):
+  if stream:
     batches.close()
 
   variables = {'params': state.params, 'batch_stats': state.batch_stats}

@@ -140,3 +140,20 @@ def fails_fast(run, cfg, workdir, exc, *patterns):
     assert p in str(e.value), (p, str(e.value))
   assert steps() == before
   return str(e.value)
+
+
+def fake_imagenet(root, classes=3, per_class=4, n_val=2):
+  """An ImageNet folder of the standard layout under `root`: train/<wnid>/*.JPEG
+  (`per_class` each) and val/<wnid>/*.JPEG (`n_val` each), of assorted sizes, class k
+  of brightness ~40 + 80k; returns `root` as a string."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for split, n in (('train', per_class), ('val', n_val)):
+    for k in range(classes):
+      folder = os.path.join(root, split, f'n{k:08d}')
+      os.makedirs(folder, exist_ok=True)
+      for i in range(n):
+        hw = (20 + 5 * i, 30 - 3 * k)
+        img = np.clip(40 + 80 * k + rng.integers(-20, 21, hw + (3,)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(os.path.join(folder, f'n{k:08d}_{i}.JPEG'), format='JPEG')
+  return str(root)

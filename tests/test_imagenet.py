@@ -9,7 +9,6 @@ Tiny shapes for the round: wrn_16_1 teacher/student at 16x16x3 (latent 1x1x8), b
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 
@@ -17,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 
 from cmi_jax import data, models, report
 from cmi_jax.synthesis import fast, presets
@@ -25,7 +23,7 @@ from cmi_jax.synthesis.config import LossWeights, SynthesisConfig
 from cmi_jax.synthesis.round_kit import to_uint8
 from configs import imagenet
 from experiments import run_config
-from tests.helpers import ROOT, subprocess_env, teacher_student
+from tests.helpers import ROOT, fake_imagenet, subprocess_env, teacher_student
 from tests.test_fast import NumpyAdam, _close, _np
 
 pytestmark = pytest.mark.usefixtures('compilation_cache')
@@ -275,24 +273,11 @@ def test_cmi_and_deepinv_at_224():
 
 # ---------------------------------------------------------------- end to end
 
-def _fake_imagenet(root, classes=4):
-  """train/<wnid>/*.JPEG (1 per class) and val/<wnid>/*.JPEG (2 per class)."""
-  rng = np.random.default_rng(0)
-  for split, n in (('train', 1), ('val', 2)):
-    for k in range(classes):
-      folder = os.path.join(root, split, f'n{k:08d}')
-      os.makedirs(folder)
-      for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
-            os.path.join(folder, f'n{k:08d}_{i}.JPEG'), format='JPEG')
-  return root
-
-
 @pytest.mark.slow  # ~70 s: the :quick run end to end
 def test_quick_run_on_a_fake_imagenet_folder(tmp_path, cache_dir):
   """`python -m experiments.run --config=configs/imagenet.py:quick`: 4 rounds (2 epochs
   of 2), the latent redrawn in round 2, the student evaluated on the val folder."""
-  data_dir = _fake_imagenet(str(tmp_path / 'imagenet'))
+  data_dir = fake_imagenet(tmp_path / 'imagenet', classes=4, per_class=1)
   workdir = tmp_path / 'run'
   proc = subprocess.run(
       [sys.executable, '-m', 'experiments.run', '--config=configs/imagenet.py:quick',

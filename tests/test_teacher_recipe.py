@@ -211,10 +211,10 @@ def _imagenet_config(data_dir):
 @pytest.fixture(scope='module')
 def imagenet_run(tmp_path_factory):
   """One streamed run, recording how many images each decoding call held."""
-  from tests.test_train_views import _fake_imagenet  # pylint: disable=import-outside-toplevel
+  from tests.helpers import fake_imagenet  # pylint: disable=import-outside-toplevel
   from cmi_jax.data import images  # pylint: disable=import-outside-toplevel
   root = tmp_path_factory.mktemp('teacher_imagenet')
-  data_dir = _fake_imagenet(root / 'imagenet')
+  data_dir = fake_imagenet(root / 'imagenet')
   sizes = []
   decode_many = images._decode_many  # pylint: disable=protected-access
 

@@ -3,7 +3,6 @@ RandomResizedCrop box rule on fixed draws, against hand-worked boxes and an
 independent vectorized numpy form of the rule; the decoded crop + resize + flip
 against PIL; the per-step draws; and experiments/train_teacher.py's streamed batches."""
 
-import os
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ from PIL import Image
 from cmi_jax import data
 from cmi_jax.data import images
 from experiments import train_teacher
+from tests.helpers import fake_imagenet
 
 SCALE, RATIO = (0.08, 1.0), (3.0 / 4.0, 4.0 / 3.0)
 
@@ -110,22 +110,8 @@ def test_train_draws_are_a_function_of_seed_and_step():
   assert 0.45 < flips.mean() < 0.55
 
 
-def _fake_imagenet(root, classes=3, per_class=4, n_val=2):
-  """train/<wnid>/*.JPEG and val/<wnid>/*.JPEG of assorted sizes, class k brightness k."""
-  rng = np.random.default_rng(0)
-  for split, n in (('train', per_class), ('val', n_val)):
-    for k in range(classes):
-      folder = os.path.join(root, split, f'n{k:08d}')
-      os.makedirs(folder, exist_ok=True)
-      for i in range(n):
-        hw = (20 + 5 * i, 30 - 3 * k)
-        img = np.clip(40 + 80 * k + rng.integers(-20, 21, hw + (3,)), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(os.path.join(folder, f'n{k:08d}_{i}.JPEG'), format='JPEG')
-  return str(root)
-
-
 def test_streamed_batches_decode_the_steps_images(tmp_path):
-  root = _fake_imagenet(tmp_path)
+  root = fake_imagenet(tmp_path)
   info = data.get_info('imagenet', num_classes=3, image_size=16)
   split = data.load('imagenet', 'train', root, num_classes=3, image_size=16)
   assert train_teacher.streamed(split)
