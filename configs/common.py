@@ -107,6 +107,12 @@ def base_config(dataset: str, method: str = 'cmi'):
   # num_devices 0: all devices, along one 'data' axis. distributed: 'auto' initializes
   # jax.distributed when the environment asks (JAX_COORDINATOR_ADDRESS, CMI_JAX_DISTRIBUTED=1).
   c.mesh = C(dict(num_devices=0, distributed='auto'))
+  # Process-wide XLA settings, applied by the entry point (experiments.run) before JAX
+  # starts its backends, never by the library. xla_cpu_ynn_fusions False: XLA:CPU's own
+  # convolution thunks instead of YNNPACK fusions (--xla_cpu_experimental_ynn_fusion_type=),
+  # x0.865 on the main command (README "Performance on the CPU"); a flag already in the
+  # user's XLA_FLAGS wins. It changes only XLA's CPU compiler (GPU/TPU kernels are untouched).
+  c.runtime = C(dict(xla_cpu_ynn_fusions=False))
   # Faults (experiments/guard.py): round_retries: fresh-key retries of a synthesis round
   # whose best loss is non-finite, before the round is skipped; allow_config_change:
   # continue a workdir's run although its config or teacher differs (refused by default).

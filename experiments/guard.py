@@ -42,6 +42,7 @@ SAFE_ON_RESUME = {
     'data.backend': 'how the test split is read',
     'data.eval_batch_size': 'evaluation batch size (same examples, same accuracy)',
     'mesh.*': 'device count and multi-host switch (the checkpoint restores onto any mesh)',
+    'runtime.*': "XLA settings (speed only; XLA's float order may differ)",
     'teacher.checkpoint': "the teacher's path (its content hash is compared instead)",
     'kd.init_pool': "the init set's path (its content hash is compared instead)",
     'kd.pool_mode': 'where the image pool lives (a checkpoint restores into either)',

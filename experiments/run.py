@@ -32,6 +32,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   from experiments import runner  # pylint: disable=g-import-not-at-top  (after flag parsing)
   cfg = _CONFIG.value
+  runner.apply_runtime(cfg)  # process-wide XLA flags: before any backend starts
   runner.maybe_initialize_distributed(cfg)
   workdir = _WORKDIR.value or os.path.join(
       'runs', f'{cfg.data.name}_{cfg.method}_{cfg.teacher.arch.rsplit(":", 1)[-1]}'

@@ -34,7 +34,8 @@ from experiments.run_config import (Plan, checked_mesh, dataset_info, kd_config,
                                     validate)
 from experiments.summary import summary_line
 
-__all__ = ['run', 'validate', 'summary_line', 'maybe_initialize_distributed', 'Plan',
+__all__ = ['run', 'validate', 'summary_line', 'maybe_initialize_distributed', 'apply_runtime',
+           'Plan',
            'StopSignal', 'load_teacher', 'load_test_split', 'dataset_info', 'synthesis_config']
 
 
@@ -298,3 +299,28 @@ def maybe_initialize_distributed(cfg) -> None:
   parallel.maybe_initialize_distributed(choices[cfg.mesh.distributed])
 
 
+
+
+YNN_FUSION_FLAG = '--xla_cpu_experimental_ynn_fusion_type'
+
+
+def apply_runtime(cfg, environ=os.environ) -> Optional[str]:
+  """config.runtime -> XLA_FLAGS, before JAX starts a backend (XLA reads the variable
+  once, when it creates the first client). Returns the flag added, or None: the
+  setting asks for nothing, the user's XLA_FLAGS already decides it, or the backends
+  are already running (then a warning says the setting had no effect)."""
+  runtime = cfg.get('runtime') or {}  # a user's config from before this section: the default
+  if runtime.get('xla_cpu_ynn_fusions', False):
+    return None
+  flags = environ.get('XLA_FLAGS', '')
+  if YNN_FUSION_FLAG in flags:
+    return None
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  if xla_bridge.backends_are_initialized():
+    print(f'Warning: config.runtime.xla_cpu_ynn_fusions=False not applied: JAX\'s backends '
+          f'are already running. Set XLA_FLAGS="{YNN_FUSION_FLAG}=" before the process '
+          'starts, or call experiments.run before any JAX computation.')
+    return None
+  flag = f'{YNN_FUSION_FLAG}='
+  environ['XLA_FLAGS'] = f'{flags} {flag}'.strip()
+  return flag

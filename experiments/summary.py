@@ -4,6 +4,7 @@ synthesis call, the plots, the class grids, the summary and its one-line form.""
 import os
 from typing import Any, Dict
 
+import jax
 import numpy as np
 
 from cmi_jax import parallel, report
@@ -56,6 +57,7 @@ def summarize(cfg, plan, history, meta, workdir, seconds) -> Dict[str, Any]:
       'student_teacher_ratio': (accs[-1] / meta['teacher_accuracy']
                                 if accs and meta.get('teacher_accuracy') else None),
       'images_dir': 'images', 'plots': ['accuracy.png', 'losses.png'],  # in the workdir
+      'jax_version': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
   }
 
 

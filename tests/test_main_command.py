@@ -109,6 +109,9 @@ def test_main_command_quick_prints_accuracies(tmp_path, cache_dir):
   assert float(m[1]) == round(s_acc, 2) and float(m[2]) == round(t_acc, 2)
   assert float(m[3]) == round(s_acc / t_acc, 4) == round(summary['student_teacher_ratio'], 4)
   assert t_acc > 80  # the shipped teacher on the (first 64 of the) real test split
+  # config.runtime's default reached the process (XLA:CPU without YNNPACK fusions).
+  assert summary['xla_flags'].endswith('--xla_cpu_experimental_ynn_fusion_type=')
+  assert summary['jax_version'] == __import__('jax').__version__
   assert summary['workdir'] == str(workdir)
   assert m[4] == os.path.join(summary['workdir'], summary['images_dir']) == str(workdir / 'images')
   assert os.listdir(m[4]) == ['round_00001.png']
@@ -142,3 +145,49 @@ def test_full_schedule_is_the_papers():
   # Another method keeps its preset's own schedule under :full too.
   d = fashion_mnist.get_config('full,method=dfq')
   assert d.kd.epochs == 60 and d.synthesis.batch_size == 256
+
+
+_RUNTIME_PROBE = r'''
+import json, sys
+import jax, jax.numpy as jnp
+from configs import fashion_mnist
+from experiments import runner
+cfg = fashion_mnist.get_config('quick')
+cfg.runtime.xla_cpu_ynn_fusions = sys.argv[1] == 'on'
+if sys.argv[2] == 'late':
+  jnp.zeros(1).block_until_ready()  # a backend starts before the entry point's call
+added = runner.apply_runtime(cfg)
+def convs(x, w):  # conv -> relu -> conv -> sum: a pattern XLA:CPU gives to YNNPACK
+  c = lambda a: jax.lax.conv_general_dilated(a, w, (1, 1), 'SAME',
+                                             dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return c(jax.nn.relu(c(x))).sum()
+hlo = jax.jit(convs).lower(jnp.ones((8, 16, 16, 16)), jnp.ones((3, 3, 16, 16))).compile().as_text()
+import os
+print(json.dumps({'added': added, 'ynn': 'ynn' in hlo.lower(),
+                  'xla_flags': os.environ.get('XLA_FLAGS', '')}))
+'''
+
+
+@pytest.mark.parametrize('setting,when,user_flags,added,ynn', [
+    ('off', 'early', '', '--xla_cpu_experimental_ynn_fusion_type=', False),  # the default
+    ('on', 'early', '', None, True),
+    # the user's own value wins (untouched; what XLA makes of it is XLA's)
+    ('off', 'early', '--xla_cpu_experimental_ynn_fusion_type=dot', None, None),
+    ('off', 'late', '', None, True),  # too late: a warning, nothing changed
+])
+def test_runtime_ynn_switch_reaches_xla(setting, when, user_flags, added, ynn, cache_dir):
+  """config.runtime.xla_cpu_ynn_fusions: the entry point's XLA_FLAGS change takes effect
+  in this process's compiled convolutions (YNNPACK fusions absent from the HLO), a flag
+  the user set wins, and after a backend started nothing changes but a warning."""
+  env = subprocess_env(cache_dir)
+  env.pop('XLA_FLAGS', None)
+  env.pop('JAX_DISABLE_MOST_OPTIMIZATIONS')  # the tests' low opt level fuses nothing
+  if user_flags:
+    env['XLA_FLAGS'] = user_flags
+  proc = subprocess.run([sys.executable, '-c', _RUNTIME_PROBE, setting, when], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.splitlines()[-1])
+  assert out['added'] == added and ynn in (None, out['ynn']), out
+  assert out['xla_flags'] == (added or user_flags)
+  assert ('not applied' in proc.stdout) == (when == 'late')
