@@ -258,3 +258,64 @@ def test_torch_fast_round_matches_cmi_jax():
   exact, wrong = _fast_mismatch(out['exact']), _fast_mismatch(out['wrong_weight'])
   assert all(exact[k] < tol for k, tol in FAST_PARITY.items()), exact
   assert all(wrong[k] > tol for k, tol in FAST_PARITY.items()), wrong
+
+
+def _crop_boxes(view, size, margin=1):
+  """Each sample's crop box from a view of coordinate ramps (channel 0 = column, 1 =
+  row index): a crop-and-resize maps output pixel j to input left + w (j + 0.5) / S
+  - 0.5, a linear function, so the interior's slope gives w (its sign the flip) and
+  the offset gives left; `margin` pixels at each end (which may read the zero padding)
+  are left out. Returns [N, 4] (left, top, width, height) in pixels."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  out = []
+  for v in view:
+    col, row = v[0, size // 2, margin:-margin], v[1, margin:-margin, size // 2]
+    boxes = []
+    for ramp, flip_ok in ((col, True), (row, False)):
+      slope = (ramp[-1] - ramp[0]) / (len(ramp) - 1)
+      if not flip_ok:
+        assert slope > 0  # rows are never flipped
+      length = abs(slope) * size
+      first = ramp[0] if slope > 0 else ramp[-1]  # output pixel margin (S-1-margin flipped)
+      boxes.append((first - length * (margin + 0.5) / size + 0.5, length))
+    (left, w), (top, h) = boxes
+    out.append((left, top, w, h))
+  return np.array(out)
+
+
+def test_kd_trainer_crop_scale():
+  """KDTrainer(crop_scale=(lo, hi)) crops whole-pixel boxes inside the image with area
+  fraction in [lo, hi] and aspect ratio in [3/4, 4/3] (up to the sides' rounding),
+  flips about half, and spreads over the range; the default keeps the padded crop
+  (unit scale, offsets within the padding)."""
+  torch = pytest.importorskip('torch')
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from benchmarks import torch_baseline as tb  # pylint: disable=import-outside-toplevel
+  s, n = 64, 256
+  ramp = torch.arange(s, dtype=torch.uint8)
+  pool = torch.stack([ramp.view(1, s).expand(s, s), ramp.view(s, 1).expand(s, s),
+                      torch.zeros((s, s), dtype=torch.uint8)]).expand(n, 3, s, s)
+  net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * s * s, 2))
+  unscaled = ((0.0,) * 3, (1 / 255,) * 3)  # x = pixel value: the ramps are coordinates
+  torch.manual_seed(0)
+  trainer = tb.KDTrainer(net, net, pool, *unscaled, batch_size=n, crop_scale=(0.5, 0.9))
+  view = trainer.view(pool).numpy()
+  boxes = _crop_boxes(view, s)
+  left, top, w, h = boxes.T
+  np.testing.assert_allclose(boxes, np.round(boxes), atol=1e-3)  # whole pixels
+  assert np.all(left >= -1e-3) and np.all(top >= -1e-3)
+  assert np.all(left + w <= s + 1e-3) and np.all(top + h <= s + 1e-3)
+  area = w * h / s ** 2
+  # Sides rounded to whole pixels: sqrt(A r) +- 0.5 each, so the area moves by < 2 %.
+  assert area.min() >= 0.5 * 0.98 and area.max() <= 0.9 * 1.02, (area.min(), area.max())
+  assert area.min() < 0.55 and area.max() > 0.85  # the draws span the range
+  ratio = w / h
+  assert ratio.min() >= 0.75 * 0.97 and ratio.max() <= 4 / 3 * 1.03
+  flipped = np.mean(view[:, 0, s // 2, 2] < view[:, 0, s // 2, 1])
+  assert 0.35 < flipped < 0.65
+  default = tb.KDTrainer(net, net, pool, *unscaled, batch_size=n).view(pool).numpy()
+  cols = default[:, 0, s // 2, 8:-8]  # inside every padded crop: a unit-slope ramp
+  np.testing.assert_allclose(np.abs(np.diff(cols, axis=1)), 1.0, atol=1e-4)
+  offsets = _crop_boxes(default, s, margin=8)
+  assert np.all(np.abs(offsets[:, 2:] - s) < 1e-3)  # no resizing
+  assert np.all(np.abs(offsets[:, :2]) <= 4 + 1e-3) and offsets[:, :2].std() > 1  # padding 4
