@@ -319,3 +319,53 @@ def test_kd_trainer_crop_scale():
   offsets = _crop_boxes(default, s, margin=8)
   assert np.all(np.abs(offsets[:, 2:] - s) < 1e-3)  # no resizing
   assert np.all(np.abs(offsets[:, :2]) <= 4 + 1e-3) and offsets[:, :2].std() > 1  # padding 4
+
+
+@pytest.mark.slow
+def test_synthesis_speed_imagenet_quick(tmp_path, compilation_cache):
+  """--rows=imagenet at a testing-only size: both rows timed on both sides (torch where
+  installed), named after the recipe, carrying the config's values in 'recipe'."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  from benchmarks import synthesis_speed  # pylint: disable=import-outside-toplevel
+  from configs import imagenet as imagenet_config  # pylint: disable=import-outside-toplevel
+  has_torch = importlib.util.find_spec('torch') is not None
+  out = tmp_path / 'speed.json'
+  tiny = ('image_size=32,teacher=wrn_16_1,student=wrn_16_1,nz=16,ngf=8,num_classes=10,'
+          'batch=2,pool=8')
+  argv = ['--rows=imagenet', '--quick', '--no_profile', f'--imagenet_override={tiny}',
+          '--out', str(out)] + ([] if has_torch else ['--no_torch'])
+  result = synthesis_speed.main(argv)
+  assert json.loads(out.read_text()) == result
+  rows = {r['setting']: r for r in result['rows']}
+  assert set(rows) == {'imagenet_fast50_wrn_16_1_wrn_16_1_32_b2', 'imagenet_kd_wrn_16_1_wrn_16_1_32_b2'}
+  c = imagenet_config.get_config(synthesis_speed.IMAGENET_ROW)
+  for name, row in rows.items():
+    assert row['kind'] == ('kd_step' if '_kd_' in name else 'synthesis_iteration')
+    assert row['jax_s'] > 0 and row['batch_size'] == 2 and row['image_shape'] == [32, 32, 3]
+    assert ('ratio_jax_to_torch' in row) == has_torch and 'profile' not in row
+    if has_torch:
+      assert row['torch_s'] > 0 and len(row['torch_round_s']['2']) == 1
+    r = row['recipe']
+    assert r['config'] == 'configs/imagenet.py:resnet50-resnet50' and r['method'] == 'fast_imagenet'
+    assert r['synthesis']['g_steps_config'] == c.synthesis.g_steps == 50
+    assert r['synthesis']['weights'] == {'bn': 0.1, 'oh': 0.1, 'adv': 0.1}
+    assert r['synthesis']['local_scale'] == [0.75, 1.0] and r['synthesis']['meta_rule'] == 'reptile'
+    assert r['kd']['temperature'] == c.kd.temperature == 5.0
+    assert r['kd']['crop_scale'] == [0.08, 1.0] and r['kd']['pool_images'] == 8
+    assert r['overrides']['teacher'] == 'wrn_16_1'
+
+
+def test_synthesis_speed_imagenet_recipe():
+  """The default ImageNet rows: configs/imagenet.py's resnet50-resnet50 values at batch 4."""
+  from benchmarks import synthesis_speed as ss  # pylint: disable=import-outside-toplevel
+  r = ss.imagenet_recipe()
+  assert set(ss.imagenet_rows(r)) == {'imagenet_fast50_resnet50_resnet50_224_b4',
+                                      'imagenet_kd_resnet50_resnet50_224_b4'}
+  s = r.synthesis
+  assert (s.algorithm, s.generator, s.views, s.image_shape) == ('fast', 'deep', 'resized',
+                                                               (224, 224, 3))
+  assert (s.batch_size, s.pool_size, s.lr_g, s.lr_z, s.lr_meta) == (4, 64, 2e-4, 0.01, 1e-4)
+  assert (r.kd.batch_size, r.kd.temperature, r.kd.crop_scale) == (4, 5.0, (0.08, 1.0))
+  assert (r.teacher, r.student, r.kd_lr, r.kd_pool) == ('resnet50_imagenet',) * 2 + (0.1, 64)
+  with pytest.raises(ValueError, match='imagenet_override'):
+    ss.parse_overrides('size=3')
