@@ -4,7 +4,7 @@
   python -m benchmarks.synthesis_speed --settings=32x32x3_b64,kd_b128
   python -m benchmarks.synthesis_speed --quick              # seconds-long smoke run
   python -m benchmarks.synthesis_speed --rows=zoo           # the model-zoo rows (~35 min, loaded 2 cores)
-  python -m benchmarks.synthesis_speed --rows=imagenet --no_profile   # Fast-50 at 224 (ImageNet rows)
+  python -m benchmarks.synthesis_speed --rows=imagenet      # Fast-50 at 224 (~4 min, 2 cores, 5 GB)
 
 Teacher wrn_16_2 -> student wrn_16_1, random weights, the memory bank holding
 n_neg=4096 negatives. Both implementations run in ONE process, interleaved
@@ -28,11 +28,6 @@ all 53 BN inputs (D = 26560, the reference's default) would make a 705M-paramete
 head and an 8.7 GB bank, more than this machine's memory. Each row records its
 teacher, student and versions (rows may come from different environments).
 
-Profile: one long cmi_jax round runs under the JAX profiler; every executed
-HLO instruction's time (the CPU runtime records one event per instruction) is
-summed per op family, from the compiled HLO: conv fwd, conv input-grad, conv
-filter-grad (XLA's own backward convolutions, or the explicit-gradient
-matmuls of cmi_jax.models.layers), matmul (every other dot), elementwise/other.
 --rows=imagenet: FastDFKD's ImageNet recipe (configs/imagenet.py's resnet50-resnet50 row,
 preset fast_imagenet, read by `imagenet_recipe`), random weights: one Fast-50 synthesis
 iteration (resnet50_imagenet teacher and student, DeepGenerator, 224x224x3; the torch side
@@ -41,8 +36,13 @@ scale, a pool of 64 images), both at batch IMAGENET['batch'] instead of the conf
 (a CPU), with --long=3 --short=1 by default. Each row records the `recipe` it used.
 --imagenet_override=image_size=32,teacher=wrn_16_1,... shrinks it (tests).
 
-Profile: needs jax.profiler.ProfileSession; where it is missing the row is written
-without 'profile' (a warning), or pass --no_profile.
+Profile: one long cmi_jax round runs under the JAX profiler; every executed
+HLO instruction's time (the CPU runtime records one event per instruction) is
+summed per op family, from the compiled HLO: conv fwd, conv input-grad, conv
+filter-grad (XLA's own backward convolutions, or the explicit-gradient
+matmuls of cmi_jax.models.layers), matmul (every other dot), elementwise/other.
+It needs jax.profiler.ProfileSession: where that is missing the row is written
+without 'profile' (a warning); --no_profile skips it.
 Rows are merged into benchmarks/results/synthesis_speed.json by setting name,
 so the grid can be run in pieces. --quick writes to synthesis_speed_quick.json in
 the temporary folder unless --out is given.

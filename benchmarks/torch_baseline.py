@@ -55,7 +55,7 @@ def build_classifier(arch: str, num_classes: int, in_ch: int,
   return zoo_nets()(arch, num_classes)
 
 
-def _normalize(x, mean, std):
+def normalize(x, mean, std):
   m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
   s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
   return (x - m) / s
@@ -137,7 +137,7 @@ class BNHooks:
                      dim=1)
 
 
-def _kl_per_sample(s_logits, t_logits, temperature):
+def kl_per_sample(s_logits, t_logits, temperature):
   return F.kl_div(F.log_softmax(s_logits / temperature, 1), F.softmax(t_logits / temperature, 1),
                   reduction='none').sum(1)
 
@@ -211,14 +211,14 @@ class CMISynthesizer:
     best_cost, best_x, best_feats = math.inf, None, None
     for _ in range(g_steps):
       x = self.generator(z)
-      xg = _normalize(crop_flip(x, self.padding), self.mean, self.std)
-      xl = _normalize(resized_crop_flip(x, self.local_scale), self.mean, self.std)
+      xg = normalize(crop_flip(x, self.padding), self.mean, self.std)
+      xl = normalize(resized_crop_flip(x, self.local_scale), self.mean, self.std)
       t_out = self.teacher(xg)
       loss_bn = self.hooks.bn_loss()
       loss_oh = F.cross_entropy(t_out, targets)
       s_out = self.student(xg)
       mask = (s_out.max(1)[1] == t_out.max(1)[1]).float()
-      loss_adv = -(_kl_per_sample(s_out, t_out, 1.0) * mask).mean()
+      loss_adv = -(kl_per_sample(s_out, t_out, 1.0) * mask).mean()
       loss_inv = self.bn_w * loss_bn + self.oh_w * loss_oh + self.adv_w * loss_adv
       feat_g = self.hooks.features()
       self.teacher(xl)
@@ -272,7 +272,7 @@ class KDTrainer:
     x = images.float() / 255.0
     x = (resized_crop_flip(x, self.crop_scale) if self.crop_scale
          else crop_flip(x, self.padding))
-    return _normalize(x, self.mean, self.std)
+    return normalize(x, self.mean, self.std)
 
   def run(self, steps: int) -> float:
     self.student.train()
@@ -283,7 +283,7 @@ class KDTrainer:
       with torch.no_grad():
         t_out = self.teacher(x)
       s_out = self.student(x.detach())
-      loss = _kl_per_sample(s_out, t_out, self.t).mean() * self.t ** 2
+      loss = kl_per_sample(s_out, t_out, self.t).mean() * self.t ** 2
       self.opt.zero_grad()
       loss.backward()
       self.opt.step()

@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from benchmarks.torch_baseline import _kl_per_sample, _normalize, resized_crop_flip
+from benchmarks.torch_baseline import kl_per_sample, normalize, resized_crop_flip
 from cmi_jax.synthesis.fast import meta_lr
 
 
@@ -90,7 +90,8 @@ def load_flax_generator(gen: DeepGenerator, variables) -> DeepGenerator:
   new = flax_generator_state_dict(variables)
   for k, v in new.items():
     if k not in sd or sd[k].shape != v.shape:
-      raise KeyError(f'{k}: {tuple(v.shape)} does not fit {tuple(sd[k].shape) if k in sd else None}')
+      have = tuple(sd[k].shape) if k in sd else None
+      raise KeyError(f'{k}: {tuple(v.shape)} does not fit the torch generator ({have})')
   missing = [k for k in sd if k.startswith('conv_blocks.') and 'num_batches' not in k
              and k not in new]
   if missing:
@@ -188,7 +189,7 @@ class FastImageNetSynthesizer:
     self.rows = []
     for step in range(k):
       x = fast(self.z)
-      xa = _normalize(self.augment(x, step), cfg.mean, cfg.std)
+      xa = normalize(self.augment(x, step), cfg.mean, cfg.std)
       t_out = self.teacher(xa)
       terms = {}
       if wts.bn:
@@ -198,7 +199,7 @@ class FastImageNetSynthesizer:
       if wts.adv and self.student is not None:
         s_out = self.student(xa)
         mask = (s_out.max(1)[1] == t_out.max(1)[1]).float()
-        kl = _kl_per_sample(s_out, t_out, cfg.adv_temperature)
+        kl = kl_per_sample(s_out, t_out, cfg.adv_temperature)
         terms['adv'] = adv_on * -(kl * mask).mean()
       loss = sum(getattr(wts, n) * v for n, v in terms.items())
       opt.zero_grad()

@@ -202,7 +202,6 @@ def _fast_parity(variants=('exact',)):
     syn = torch_fast.FastImageNetSynthesizer(_twin('wrn_16_1', t_vars), _twin('wrn_16_1', s_vars),
                                              cfg)
     torch_fast.load_flax_generator(syn.generator, gen_vars)
-    syn.meta_opt = syn._meta_adam()  # pylint: disable=protected-access
     syn.z = torch.from_numpy(z0.copy()).permute(0, 3, 1, 2).contiguous().requires_grad_(True)
     if variant == 'wrong_weight':  # the last BN's scale (a conv's would cancel in its BN)
       with torch.no_grad():
@@ -337,7 +336,8 @@ def test_synthesis_speed_imagenet_quick(tmp_path, compilation_cache):
   result = synthesis_speed.main(argv)
   assert json.loads(out.read_text()) == result
   rows = {r['setting']: r for r in result['rows']}
-  assert set(rows) == {'imagenet_fast50_wrn_16_1_wrn_16_1_32_b2', 'imagenet_kd_wrn_16_1_wrn_16_1_32_b2'}
+  assert set(rows) == {'imagenet_fast50_wrn_16_1_wrn_16_1_32_b2',
+                       'imagenet_kd_wrn_16_1_wrn_16_1_32_b2'}
   c = imagenet_config.get_config(synthesis_speed.IMAGENET_ROW)
   for name, row in rows.items():
     assert row['kind'] == ('kd_step' if '_kd_' in name else 'synthesis_iteration')
