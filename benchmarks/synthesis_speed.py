@@ -4,6 +4,7 @@
   python -m benchmarks.synthesis_speed --settings=32x32x3_b64,kd_b128
   python -m benchmarks.synthesis_speed --quick              # seconds-long smoke run
   python -m benchmarks.synthesis_speed --rows=zoo           # the model-zoo rows (~35 min, loaded 2 cores)
+  python -m benchmarks.synthesis_speed --rows=imagenet      # Fast-50 at 224 (~4 min, 2 cores, 5 GB)
 
 Teacher wrn_16_2 -> student wrn_16_1, random weights, the memory bank holding
 n_neg=4096 negatives. Both implementations run in ONE process, interleaved
@@ -27,25 +28,39 @@ all 53 BN inputs (D = 26560, the reference's default) would make a 705M-paramete
 head and an 8.7 GB bank, more than this machine's memory. Each row records its
 teacher, student and versions (rows may come from different environments).
 
+--rows=imagenet: FastDFKD's ImageNet recipe (configs/imagenet.py's resnet50-resnet50 row,
+preset fast_imagenet, read by `imagenet_recipe`), random weights: one Fast-50 synthesis
+iteration (resnet50_imagenet teacher and student, DeepGenerator, 224x224x3; the torch side
+is benchmarks/torch_fast.py) and one KD step (the config's T, ImageNet's RandomResizedCrop
+scale, a pool of 64 images), both at batch IMAGENET['batch'] instead of the config's 100
+(a CPU), with --long=3 --short=1 by default. Each row records the `recipe` it used.
+--imagenet_override=image_size=32,teacher=wrn_16_1,... shrinks it (tests).
+
 Profile: one long cmi_jax round runs under the JAX profiler; every executed
 HLO instruction's time (the CPU runtime records one event per instruction) is
 summed per op family, from the compiled HLO: conv fwd, conv input-grad, conv
 filter-grad (XLA's own backward convolutions, or the explicit-gradient
 matmuls of cmi_jax.models.layers), matmul (every other dot), elementwise/other.
+It needs jax.profiler.ProfileSession: where that is missing the row is written
+without 'profile' (a warning); --no_profile skips it.
 Rows are merged into benchmarks/results/synthesis_speed.json by setting name,
-so the grid can be run in pieces.
+so the grid can be run in pieces. --quick writes to synthesis_speed_quick.json in
+the temporary folder unless --out is given.
 """
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import platform
 import re
 import statistics
 import sys
+import tempfile
 import time
-from typing import Callable, Dict, List, Optional
+import warnings
+from typing import Any, Callable, Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +71,7 @@ from cmi_jax import models
 from cmi_jax.distill import KDConfig, kd_steps
 from cmi_jax.state import create_classifier_state, sgd
 from cmi_jax.synthesis.bank import ring_add, ring_init
+from cmi_jax.synthesis import fast
 from cmi_jax.synthesis.cmi import init_state, synthesis_round
 from cmi_jax.synthesis.config import SynthesisConfig
 from cmi_jax.teacher import Teacher
@@ -80,6 +96,12 @@ ZOO_STEPS = (3, 1)
 JAX_FEATURE_LAYERS = {'resnet50': 'stages'}
 TORCH_FEATURE_LAYERS = {'resnet50': ('bn1', 'layer1.0.bn1', 'layer2.0.bn1', 'layer3.0.bn1',
                                      'layer4.0.bn1')}
+# --rows=imagenet: the config row it reads and what a CPU changes (batch, pool sizes).
+IMAGENET_ROW = 'resnet50-resnet50'
+IMAGENET = {'batch': 4, 'synthesis_pool': 64, 'kd_pool': 64}
+IMAGENET_STEPS = (3, 1)
+IMAGENET_OVERRIDES = {'image_size': int, 'teacher': str, 'student': str, 'nz': int, 'ngf': int,
+                      'num_classes': int, 'batch': int, 'pool': int}
 FAMILIES = ('conv_fwd', 'conv_input_grad', 'conv_filter_grad', 'matmul', 'elementwise_other')
 
 
@@ -310,6 +332,185 @@ class _TorchKD:
     self.kd.run(n)
 
 
+# ----------------------------------------------------------------------------
+# ImageNet rows (FastDFKD's recipe)
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ImagenetRecipe:
+  """What the ImageNet rows run: the config row's structs at the benchmark's sizes."""
+  synthesis: SynthesisConfig
+  kd: KDConfig
+  teacher: str
+  student: str
+  kd_lr: float
+  kd_momentum: float
+  kd_weight_decay: float
+  kd_pool: int
+  record: Dict[str, Any]   # the row's 'recipe' block (JSON)
+
+
+def parse_overrides(text: str) -> Dict[str, Any]:
+  """'image_size=32,teacher=wrn_16_1' -> {'image_size': 32, 'teacher': 'wrn_16_1'}."""
+  out = {}
+  for item in filter(None, text.split(',')):
+    k, _, v = item.partition('=')
+    if k not in IMAGENET_OVERRIDES or not v:
+      raise ValueError(f'--imagenet_override: {item!r}; use key=value with keys '
+                       f'{sorted(IMAGENET_OVERRIDES)}.')
+    out[k] = IMAGENET_OVERRIDES[k](v)
+  return out
+
+
+def imagenet_recipe(overrides: Optional[Dict[str, Any]] = None) -> ImagenetRecipe:
+  """configs/imagenet.py's IMAGENET_ROW as experiments.run would build it (SynthesisConfig,
+  KDConfig, student optimizer), at batch IMAGENET['batch'] and small pools; `overrides`
+  (parse_overrides keys) shrink it further for tests."""
+  from configs import imagenet as imagenet_config  # pylint: disable=import-outside-toplevel
+  from experiments import run_config  # pylint: disable=import-outside-toplevel
+  o = dict(overrides or {})
+  c = imagenet_config.get_config(IMAGENET_ROW)
+  info = run_config.dataset_info(c)
+  synth = run_config.synthesis_config(c, info, c.synthesis.weights.to_dict())
+  kd = run_config.kd_config(c, info)
+  batch = o.get('batch', IMAGENET['batch'])
+  size = o.get('image_size', synth.image_shape[0])
+  fields = dict(batch_size=batch, pool_size=o.get('pool', IMAGENET['synthesis_pool']),
+                image_shape=(size, size, synth.image_shape[2]),
+                num_classes=o.get('num_classes', synth.num_classes))
+  fields.update({k: o[k] for k in ('nz', 'ngf') if k in o})
+  synth = dataclasses.replace(synth, **fields).validate()
+  kd = dataclasses.replace(kd, batch_size=batch)
+  teacher, student = o.get('teacher', c.teacher.arch), o.get('student', c.student.arch)
+  kd_pool = o.get('pool', IMAGENET['kd_pool'])
+  s = synth
+  record = {
+      'config': f'configs/imagenet.py:{IMAGENET_ROW}', 'method': c.method,
+      'teacher': teacher, 'student': student, 'weights': 'random',
+      'image_shape': list(s.image_shape), 'num_classes': s.num_classes,
+      'batch_size': batch, 'config_batch_size': c.synthesis.batch_size,
+      'synthesis': {'g_steps_config': s.g_steps, 'generator': s.generator, 'nz': s.nz,
+                    'ngf': s.ngf, 'lr_g': s.lr_g, 'lr_z': s.lr_z, 'lr_meta': s.lr_meta,
+                    'betas': list(s.betas), 'bn_mmt': s.bn_mmt, 'views': s.views,
+                    'local_scale': list(s.local_scale), 'meta_rule': s.meta_rule,
+                    'z_life': s.z_life, 'pool_iterate': s.pool_iterate,
+                    'adv_start_round': s.adv_start_round,
+                    'weights': {'bn': s.weights.bn, 'oh': s.weights.oh, 'adv': s.weights.adv},
+                    'pool_size': s.pool_size},
+      'kd': {'temperature': kd.temperature, 'crop_scale': list(kd.crop_scale), 'flip': kd.flip,
+             'lr': c.kd.lr, 'momentum': c.kd.momentum, 'weight_decay': c.kd.weight_decay,
+             'pool_images': kd_pool},
+      'overrides': o}
+  return ImagenetRecipe(synth, kd, teacher, student, c.kd.lr, c.kd.momentum,
+                        c.kd.weight_decay, kd_pool, record)
+
+
+def _short_arch(arch: str) -> str:
+  return arch[:-len('_imagenet')] if arch.endswith('_imagenet') else arch
+
+
+def imagenet_rows(r: ImagenetRecipe) -> Dict[str, tuple]:
+  """Row name -> (image shape, batch, teacher, student) for --rows=imagenet."""
+  s = r.synthesis
+  tail = f'{_short_arch(r.teacher)}_{_short_arch(r.student)}_{s.image_shape[0]}_b{s.batch_size}'
+  entry = (s.image_shape, s.batch_size, r.teacher, r.student)
+  return {f'imagenet_fast{s.g_steps}_{tail}': entry, f'imagenet_kd_{tail}': entry}
+
+
+def _classifier(arch: str, num_classes: int, shape, key) -> Teacher:
+  module = models.get(arch, num_classes)
+  return Teacher(module, models.init(module, key, (1,) + tuple(shape)))
+
+
+class _JaxFast:
+  """Compiled cmi_jax fast_imagenet rounds (fast.fast_round) of `long` and `short` inner steps."""
+
+  def __init__(self, r: ImagenetRecipe, long, short):
+    key = jax.random.key(0)
+    s = r.synthesis
+    self.teacher = _classifier(r.teacher, s.num_classes, s.image_shape, key)
+    self.student = _classifier(r.student, s.num_classes, s.image_shape, jax.random.fold_in(key, 1))
+    self.cfgs = {n: dataclasses.replace(s, g_steps=n) for n in (long, short)}
+    self.state = jax.jit(fast.init_state, static_argnums=(0,))(self.cfgs[long], self.teacher, key)
+    self.key = key
+    round_fn = jax.jit(fast.fast_round, static_argnums=(0,))
+    self.compiled, self.compile_s = {}, {}
+    for n, cfg in self.cfgs.items():
+      t = time.perf_counter()
+      self.compiled[n] = round_fn.lower(cfg, self.teacher, self.student, self.state,
+                                        key).compile()
+      self.compile_s[n] = time.perf_counter() - t
+
+  def run(self, n):
+    jax.block_until_ready(self.compiled[n](self.teacher, self.student, self.state, self.key))
+
+
+class _JaxImagenetKD(_JaxKD):
+  """Compiled cmi_jax KD scans at the recipe's KDConfig (resized crop, T) and student SGD."""
+
+  def __init__(self, r: ImagenetRecipe, long, short):  # pylint: disable=super-init-not-called
+    key = jax.random.key(0)
+    s = r.synthesis
+    shape = s.image_shape
+    self.teacher = _classifier(r.teacher, s.num_classes, shape, key)
+    self.cfg = r.kd
+    self.state = create_classifier_state(models.get(r.student, s.num_classes),
+                                         jax.random.fold_in(key, 2), (1,) + shape,
+                                         sgd(r.kd_lr, r.kd_momentum, r.kd_weight_decay))
+    pool = ring_init(r.kd_pool, {'images': jax.ShapeDtypeStruct(shape, jnp.uint8),
+                                 'targets': jax.ShapeDtypeStruct((), jnp.int32)})
+    imgs = jax.random.randint(key, (r.kd_pool,) + shape, 0, 256).astype(jnp.uint8)
+    self.pool = ring_add(pool, {'images': imgs, 'targets': jnp.zeros((r.kd_pool,), jnp.int32)})
+    self.key = key
+    fn = jax.jit(kd_steps, static_argnums=(0, 5))
+    self.compiled, self.compile_s = {}, {}
+    for steps in (long, short):
+      t = time.perf_counter()
+      self.compiled[steps] = fn.lower(self.cfg, self.state, self.teacher, self.pool, key,
+                                      steps).compile()
+      self.compile_s[steps] = time.perf_counter() - t
+
+
+class _TorchFast:
+  """benchmarks/torch_fast.FastImageNetSynthesizer on the recipe's SynthesisConfig."""
+
+  def __init__(self, tb, r: ImagenetRecipe):
+    from benchmarks import torch_fast  # pylint: disable=import-outside-toplevel
+    s = r.synthesis
+    teacher = tb.build_classifier(r.teacher, s.num_classes, s.image_shape[2])
+    student = tb.build_classifier(r.student, s.num_classes, s.image_shape[2])
+    self.syn = torch_fast.FastImageNetSynthesizer(teacher, student, s)
+
+  def run(self, n):
+    self.syn.run_round(n)
+
+
+class _TorchImagenetKD:
+  def __init__(self, tb, torch, r: ImagenetRecipe):
+    s = r.synthesis
+    h, w, c = s.image_shape
+    teacher = tb.build_classifier(r.teacher, s.num_classes, c)
+    student = tb.build_classifier(r.student, s.num_classes, c)
+    pool = torch.randint(0, 256, (r.kd_pool, c, h, w), dtype=torch.uint8)
+    k = r.kd
+    self.kd = tb.KDTrainer(teacher, student, pool, k.mean, k.std, batch_size=k.batch_size,
+                           temperature=k.temperature, lr=r.kd_lr, momentum=r.kd_momentum,
+                           weight_decay=r.kd_weight_decay, crop_scale=k.crop_scale)
+
+  def run(self, n):
+    self.kd.run(n)
+
+
+def imagenet_sides(r: ImagenetRecipe, is_kd: bool):
+  """make(torch, tb, long, short) -> (jax side, torch side or None) for `bench`."""
+  def make(torch, tb, long, short):
+    jx = (_JaxImagenetKD if is_kd else _JaxFast)(r, long, short)
+    if tb is None:
+      return jx, None
+    return jx, (_TorchImagenetKD(tb, torch, r) if is_kd else _TorchFast(tb, r))
+  return make
+
+
 def _timed(fn, n) -> float:
   t = time.perf_counter()
   fn(n)
@@ -317,13 +518,19 @@ def _timed(fn, n) -> float:
 
 
 def bench(name: str, shape, batch: int, long: int, short: int, repeats: int, quick: bool,
-          use_torch: bool, profile: bool, nets=(TEACHER, STUDENT)) -> dict:
+          use_torch: bool, profile: bool, nets=(TEACHER, STUDENT),
+          make: Optional[Callable] = None, recipe: Optional[dict] = None) -> dict:
+  """One row. make(torch, tb, long, short) -> (jax side, torch side or None) replaces the
+  wrn/zoo sides (the ImageNet rows); recipe: recorded as the row's 'recipe'."""
   is_kd = 'kd' in name
   load_start = os.getloadavg()[0]  # contention on a shared machine: recorded with the row
   torch, tb = _torch() if use_torch else (None, None)
-  jx = (_JaxKD if is_kd else _JaxSynthesis)(shape, batch, long, short, quick, nets)
   tr = None
-  if tb is not None:
+  if make is not None:
+    jx, tr = make(torch, tb, long, short)
+  else:
+    jx = (_JaxKD if is_kd else _JaxSynthesis)(shape, batch, long, short, quick, nets)
+  if tb is not None and make is None:
     tr = (_TorchKD(tb, torch, shape, batch, quick, nets) if is_kd
           else _TorchSynthesis(tb, shape, batch, quick, nets))
     if not is_kd:  # both sides must build the same contrastive features
@@ -351,8 +558,14 @@ def bench(name: str, shape, batch: int, long: int, short: int, repeats: int, qui
     row[f'{s}_s'] = (med[long] - med[short]) / (long - short)
   if 'torch_s' in row:
     row['ratio_jax_to_torch'] = row['jax_s'] / row['torch_s']
+  if recipe is not None:
+    row['recipe'] = recipe
   if profile:
-    row['profile'] = profile_families(jx.compiled[long], lambda: jx.run(long))
+    try:
+      row['profile'] = profile_families(jx.compiled[long], lambda: jx.run(long))
+    except ImportError as e:  # no jax.profiler.ProfileSession in this environment
+      warnings.warn(f'{name}: no op-family profile ({e}); the row is written without it '
+                    '(--no_profile skips it).')
   return row
 
 
@@ -402,23 +615,39 @@ def main(argv: Optional[List[str]] = None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--quick', action='store_true', help='tiny settings, seconds (smoke test)')
   ap.add_argument('--settings', default='', help=f'comma list of {sorted(SETTINGS)}')
-  ap.add_argument('--rows', default='wrn', choices=('wrn', 'zoo'),
-                  help=f'wrn: the wrn_16_2 -> wrn_16_1 settings; zoo: {sorted(ZOO)}')
+  ap.add_argument('--rows', default='wrn', choices=('wrn', 'zoo', 'imagenet'),
+                  help=f'wrn: the wrn_16_2 -> wrn_16_1 settings; zoo: {sorted(ZOO)}; imagenet: '
+                       f'the Fast-50 recipe of configs/imagenet.py:{IMAGENET_ROW} at 224')
+  ap.add_argument('--imagenet_override', default='',
+                  help=f'--rows=imagenet at other sizes/nets, e.g. image_size=32,teacher=wrn_16_1 '
+                       f'(keys {sorted(IMAGENET_OVERRIDES)}); the row name follows')
   ap.add_argument('--repeats', type=int, default=3)
-  ap.add_argument('--long', type=int, default=None, help='12 (zoo rows: 3)')
-  ap.add_argument('--short', type=int, default=None, help='2 (zoo rows: 1)')
+  ap.add_argument('--long', type=int, default=None, help='12 (zoo and imagenet rows: 3)')
+  ap.add_argument('--short', type=int, default=None, help='2 (zoo and imagenet rows: 1)')
   ap.add_argument('--torch_threads', type=int, default=2)
   ap.add_argument('--no_torch', action='store_true')
   ap.add_argument('--no_profile', action='store_true')
-  ap.add_argument('--out', default=os.path.join(RESULTS, 'synthesis_speed.json'))
+  ap.add_argument('--out', default=None,
+                  help='results JSON (default benchmarks/results/synthesis_speed.json; with '
+                       '--quick synthesis_speed_quick.json in the temporary folder)')
   ap.add_argument('--table', action='store_true', help='print --out as a markdown table, run nothing')
   args = ap.parse_args(argv)
+  if args.out is None:  # a smoke run never replaces the recorded rows
+    args.out = (os.path.join(tempfile.gettempdir(), 'synthesis_speed_quick.json') if args.quick
+                and not args.table else os.path.join(RESULTS, 'synthesis_speed.json'))
   if args.table:
     with open(args.out, encoding='utf-8') as f:
       print(markdown_table(json.load(f)))
     return None
-  table = QUICK if args.quick else (ZOO if args.rows == 'zoo' else SETTINGS)
-  steps = ZOO_STEPS if args.rows == 'zoo' else (12, 2)
+  recipe = None
+  if args.rows == 'imagenet':
+    recipe = imagenet_recipe(parse_overrides(args.imagenet_override))
+    table = imagenet_rows(recipe)
+  elif args.imagenet_override:
+    raise ValueError('--imagenet_override needs --rows=imagenet.')
+  else:
+    table = QUICK if args.quick else (ZOO if args.rows == 'zoo' else SETTINGS)
+  steps = {'zoo': ZOO_STEPS, 'imagenet': IMAGENET_STEPS}.get(args.rows, (12, 2))
   args.long = steps[0] if args.long is None else args.long
   args.short = steps[1] if args.short is None else args.short
   names = [s for s in args.settings.split(',') if s] or list(table)
@@ -437,8 +666,12 @@ def main(argv: Optional[List[str]] = None):
   rows = []
   for n in names:
     shape, batch, *nets = table[n]
+    extra = {}
+    if recipe is not None:
+      extra = dict(make=imagenet_sides(recipe, 'kd' in n), recipe=recipe.record)
     rows.append(bench(n, shape, batch, args.long, args.short, args.repeats, args.quick,
-                      torch is not None, not args.no_profile, tuple(nets) or (TEACHER, STUDENT)))
+                      torch is not None, not args.no_profile, tuple(nets) or (TEACHER, STUDENT),
+                      **extra))
     print(_fmt(rows[-1]), flush=True)
   old = {}
   if os.path.exists(args.out) and not args.quick:

@@ -24,13 +24,14 @@ same machine (measured outside the repo, 2026-12-01); without them 2.59 s
 reference, so cmi_jax's ratios do not flatter it. `param_grads=True` keeps the
 older, slower baseline for comparison.
 
-One KD step: a batch from the image pool, crop + flip + normalize, teacher
-logits without gradient, the student in train mode, KL(t/T || s/T) * T^2 at
-T=20, SGD (momentum 0.9, weight decay 1e-4).
+One KD step: a batch from the image pool, crop + flip + normalize (with
+`crop_scale`: RandomResizedCrop(scale) + flip at the pool images' size instead, the
+ImageNet recipe), teacher logits without gradient, the student in train mode,
+KL(t/T || s/T) * T^2 at T=20, SGD (momentum 0.9, weight decay 1e-4).
 """
 
 import math
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,7 @@ def build_classifier(arch: str, num_classes: int, in_ch: int,
   return zoo_nets()(arch, num_classes)
 
 
-def _normalize(x, mean, std):
+def normalize(x, mean, std):
   m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
   s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
   return (x - m) / s
@@ -136,7 +137,7 @@ class BNHooks:
                      dim=1)
 
 
-def _kl_per_sample(s_logits, t_logits, temperature):
+def kl_per_sample(s_logits, t_logits, temperature):
   return F.kl_div(F.log_softmax(s_logits / temperature, 1), F.softmax(t_logits / temperature, 1),
                   reduction='none').sum(1)
 
@@ -210,14 +211,14 @@ class CMISynthesizer:
     best_cost, best_x, best_feats = math.inf, None, None
     for _ in range(g_steps):
       x = self.generator(z)
-      xg = _normalize(crop_flip(x, self.padding), self.mean, self.std)
-      xl = _normalize(resized_crop_flip(x, self.local_scale), self.mean, self.std)
+      xg = normalize(crop_flip(x, self.padding), self.mean, self.std)
+      xl = normalize(resized_crop_flip(x, self.local_scale), self.mean, self.std)
       t_out = self.teacher(xg)
       loss_bn = self.hooks.bn_loss()
       loss_oh = F.cross_entropy(t_out, targets)
       s_out = self.student(xg)
       mask = (s_out.max(1)[1] == t_out.max(1)[1]).float()
-      loss_adv = -(_kl_per_sample(s_out, t_out, 1.0) * mask).mean()
+      loss_adv = -(kl_per_sample(s_out, t_out, 1.0) * mask).mean()
       loss_inv = self.bn_w * loss_bn + self.oh_w * loss_oh + self.adv_w * loss_adv
       feat_g = self.hooks.features()
       self.teacher(xl)
@@ -248,29 +249,41 @@ class CMISynthesizer:
 
 
 class KDTrainer:
-  """The reference KD loop on pool images: `run(steps)`."""
+  """The reference KD loop on pool images: `run(steps)`.
+
+  crop_scale: None (default) the padded crop; (lo, hi) RandomResizedCrop(scale=(lo, hi))
+  + flip (cmi_jax's KDConfig.crop_scale; ImageNet's train transform).
+  """
 
   def __init__(self, teacher, student, pool: torch.Tensor, mean, std, batch_size=128,
-               temperature=20.0, padding=4, lr=0.1, momentum=0.9, weight_decay=1e-4):
+               temperature=20.0, padding=4, lr=0.1, momentum=0.9, weight_decay=1e-4,
+               crop_scale: Optional[Sequence[float]] = None):
     self.teacher, self.student = teacher.eval(), student
     self.pool, self.mean, self.std = pool, mean, std
     self.b, self.t, self.padding = batch_size, temperature, padding
+    self.crop_scale = tuple(crop_scale) if crop_scale else None
     for p in student.parameters():
       p.requires_grad_(True)
     self.opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=momentum,
                                weight_decay=weight_decay)
+
+  def view(self, images: torch.Tensor) -> torch.Tensor:
+    """uint8 pool images [B, C, H, W] -> the augmented, normalized KD input."""
+    x = images.float() / 255.0
+    x = (resized_crop_flip(x, self.crop_scale) if self.crop_scale
+         else crop_flip(x, self.padding))
+    return normalize(x, self.mean, self.std)
 
   def run(self, steps: int) -> float:
     self.student.train()
     loss = None
     for _ in range(steps):
       idx = torch.randint(0, self.pool.shape[0], (self.b,))
-      x = self.pool[idx].float() / 255.0
-      x = _normalize(crop_flip(x, self.padding), self.mean, self.std)
+      x = self.view(self.pool[idx])
       with torch.no_grad():
         t_out = self.teacher(x)
       s_out = self.student(x.detach())
-      loss = _kl_per_sample(s_out, t_out, self.t).mean() * self.t ** 2
+      loss = kl_per_sample(s_out, t_out, self.t).mean() * self.t ** 2
       self.opt.zero_grad()
       loss.backward()
       self.opt.step()
