@@ -112,6 +112,7 @@ def base_config(dataset: str, method: str = 'cmi'):
   # convolution thunks instead of YNNPACK fusions (--xla_cpu_experimental_ynn_fusion_type=),
   # x0.865 on the main command (README "Performance on the CPU"); a flag already in the
   # user's XLA_FLAGS wins. It changes only XLA's CPU compiler (GPU/TPU kernels are untouched).
+  # configs/imagenet.py sets it True (at 224 pixels the fusions are faster).
   c.runtime = C(dict(xla_cpu_ynn_fusions=False))
   # Faults (experiments/guard.py): round_retries: fresh-key retries of a synthesis round
   # whose best loss is non-finite, before the round is skipped; allow_config_change:

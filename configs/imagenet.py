@@ -59,6 +59,10 @@ def get_config(arg=None):
   c.teacher.arch, c.student.arch = ROWS[a['row']]
   c.teacher.checkpoint = 'checkpoints/pretrained/imagenet_resnet50_imagenet.pth'
   c.data.dir = 'data'
+  # Keep XLA:CPU's YNNPACK fusions here: at 224 pixels turning them off (the main command's
+  # choice) made a Fast-50 round's work x1.18 slower on jax 0.12 (synthesis iteration
+  # x0.89, KD step x1.39; benchmarks/results/synthesis_speed_imagenet_variants.json).
+  c.runtime.xla_cpu_ynn_fusions = True
   s = c.synthesis
   if a['method'] == 'fast_imagenet':
     s.weights.adv = c.kd.pre_adv = ADV[a['row']]

@@ -255,6 +255,8 @@ def test_fast50_rows_are_the_logged_settings(row, student, adv):
   kd = run_config.kd_config(cfg, info)
   assert kd.crop_scale == (0.08, 1.0) and kd.flip
   assert run_config.make_plan(cfg).total_rounds == 4000
+  # At 224 pixels YNNPACK's fusions stay on (the entry point adds no XLA flag).
+  assert cfg.runtime.xla_cpu_ynn_fusions is True
 
 
 def test_cmi_and_deepinv_at_224():
