@@ -13,8 +13,8 @@ n_neg=4096 negatives. Both implementations run in ONE process, interleaved
     iterations) / (long - short), from the medians over `--repeats`; the
     per-round costs (generator re-init, bank and pool writes) cancel.
     32x32x3 and 28x28x1, synthesis batch 256 and 64.
-  * KD step at batch 128 (32x32x3): the same difference of a long and a short
-    run of steps.
+  * KD step at batch 128 (32x32x3) and at the main command's 28x28x1 batch 64:
+    the same difference of a long and a short run of steps.
 The PyTorch side is benchmarks/torch_baseline.py (eager, the reference's
 algorithm); it is skipped when torch is not installed. ratio = cmi_jax / torch
 (< 1: cmi_jax faster).
@@ -83,6 +83,7 @@ SETTINGS = {  # name: (image shape, batch); 'kd' rows time the KD step
     '28x28x1_b256': ((28, 28, 1), 256),
     '28x28x1_b64': ((28, 28, 1), 64),
     'kd_b128': ((32, 32, 3), 128),
+    'kd_28x28x1_b64': ((28, 28, 1), 64),  # the main command's KD step
 }
 QUICK = {'quick_16x16x3_b8': ((16, 16, 3), 8), 'quick_kd_b8': ((16, 16, 3), 8)}
 # name: (image shape, batch, teacher, student), run by --rows=zoo at ZOO_STEPS (long, short).

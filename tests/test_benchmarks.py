@@ -382,3 +382,16 @@ def test_synthesis_speed_imagenet_recipe():
   assert (r.teacher, r.student, r.kd_lr, r.kd_pool) == ('resnet50_imagenet',) * 2 + (0.1, 64)
   with pytest.raises(ValueError, match='imagenet_override'):
     ss.parse_overrides('size=3')
+
+
+def test_filter_grad_speed_quick(tmp_path):
+  """The filter-gradient benchmark's quick path: the three stride-1 implementations
+  (shifted-window matmuls, shifted g, one conv over the batch) give the same dk."""
+  from benchmarks import filter_grad_speed  # pylint: disable=import-outside-toplevel
+  out = tmp_path / 'fg.json'
+  result = filter_grad_speed.main(['--quick', '--repeats=1', f'--out={out}'])
+  assert json.loads(out.read_text())['rows'].keys() == filter_grad_speed.QUICK.keys()
+  for row in result['rows'].values():
+    assert set(row['ms']) == {'taps', 'shift_g', 'as_conv'}
+    assert all(t > 0 for t in row['ms'].values())
+    assert max(row['max_rel_diff_vs_taps'].values()) < 1e-5

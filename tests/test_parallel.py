@@ -161,6 +161,21 @@ def test_round_head_same_on_1_and_4_devices(rounds, synth_state):
   assert int(s4.head.step) == int(synth_state.head.step) + CFG.g_steps
 
 
+def _conv_samples(hlo: str):
+  """Per convolution of a compiled module, how many samples it runs on: its input's
+  batch dimension ('b' of dim_labels), or for the stride-1 filter gradients
+  (`layers._filter_grad_as_conv`, one conv whose input channels are the samples) its
+  input's feature dimension ('f')."""
+  shapes = dict(re.findall(r'%([\w.\-]+) = [a-z0-9]+\[([\d,]+)\]', hlo))
+  out = []
+  for line in re.findall(r'= [a-z0-9]+\[\d+,\d+,\d+,\d+\]\S* convolution\(.*', hlo):
+    lhs = re.search(r'convolution\(%([\w.\-]+)', line).group(1)
+    labels = re.search(r'dim_labels=(\w+)_', line).group(1)
+    dims = [int(d) for d in shapes[lhs].split(',')]
+    out.append(dims[labels.index('f' if 'conv_filter_grad' in line else 'b')])
+  return out
+
+
 def test_round_work_is_split(rounds):
   """The kept images come back split, and in the compiled program every
   convolution runs on a quarter of its batch (B images or 2B views), none on
@@ -168,16 +183,16 @@ def test_round_work_is_split(rounds):
   _, out, hlo = rounds[4]
   assert out.images.sharding.spec == P(parallel.DATA)
   assert [s.data.shape for s in out.images.addressable_shards] == [(B // 4,) + SHAPE] * 4
-  batches = [int(m) for m in re.findall(r'= [a-z0-9]+\[(\d+),\d+,\d+,\d+\]\S* convolution\(',
-                                        hlo)]
+  batches = _conv_samples(hlo)
   assert len(batches) > 20  # generator, teacher (+ gradients), student
+  # The generator's stride-1 filter gradients are convs over the samples too.
+  assert re.search(r' convolution\(.*conv_filter_grad', hlo)
   assert set(batches) <= {B // 4, 2 * B // 4}, sorted(set(batches))
   # Views are interleaved per device: no images move between devices in a step.
   moved = re.findall(r'= f32\[\d+,16,16,1\]\S* (?:collective-permute|all-to-all)\(', hlo)
   assert not moved, moved
   _, _, hlo1 = rounds[1]
-  assert set(int(m) for m in re.findall(r'= [a-z0-9]+\[(\d+),\d+,\d+,\d+\]\S* convolution\(',
-                                        hlo1)) <= {B, 2 * B}
+  assert set(_conv_samples(hlo1)) <= {B, 2 * B}
 
 
 def _permuted(apply_fn, perm):

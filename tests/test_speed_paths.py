@@ -104,17 +104,30 @@ def test_conv_module_upsample_flag():
     raise AssertionError('Conv(upsample=True, stride=2) must be refused')
 
 
-def test_filter_grad_of_narrow_output_matches_xla():
-  """Stride-1 convs with fewer output than input channels shift g, not x; the rest
-  (equal widths included) take the shifted-x taps; both equal XLA's gradients."""
+def test_filter_grad_of_narrow_output_matches_xla(monkeypatch):
+  """Stride-1 filter gradients: a narrow output (C_out < C_in / 4) shifts g; other kxk
+  kernels are one forward conv over the batch (_filter_grad_as_conv, with the equal and
+  the wider-output widths); 1x1 kernels one matmul; all equal XLA's own gradients."""
   from cmi_jax.models import layers  # pylint: disable=import-outside-toplevel
+  taken = []
+  for path in ('_filter_grad_shift_g', '_filter_grad_as_conv'):
+    def spy(*args, _f=getattr(layers, path), _p=path):
+      taken.append(_p)
+      return _f(*args)
+    monkeypatch.setattr(layers, path, spy)
   rng = np.random.default_rng(5)
-  for ksize, ci, co, size in ((3, 6, 2, 5), (2, 5, 3, 4), (1, 4, 1, 3), (3, 4, 4, 6)):
+  cases = ((3, 9, 2, 5, '_filter_grad_shift_g'), (3, 16, 3, 6, '_filter_grad_shift_g'),
+           (3, 6, 2, 5, '_filter_grad_as_conv'), (2, 5, 3, 4, '_filter_grad_as_conv'),
+           (1, 4, 1, 3, None), (3, 4, 4, 6, '_filter_grad_as_conv'),
+           (3, 3, 16, 7, '_filter_grad_as_conv'))
+  for ksize, ci, co, size, path in cases:
+    taken.clear()
     x = jnp.asarray(rng.normal(size=(2, size, size, ci)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(ksize, ksize, ci, co)), jnp.float32)
     pad = 1 if ksize > 1 else 0
     g = jnp.asarray(rng.normal(size=layers.conv2d(x, k, 1, pad, 'xla').shape), jnp.float32)
     got, want = (jax.jit(jax.grad(lambda x_, k_, i=impl: jnp.sum(layers.conv2d(x_, k_, 1, pad, i) * g),
                                   argnums=(0, 1)))(x, k) for impl in ('explicit_grad', 'xla'))
+    assert taken == ([path] if path else []), (ksize, ci, co, taken)
     for a, b in zip(got, want):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
