@@ -1,12 +1,13 @@
 """Stride-1 conv filter gradients on the CPU: the three ways cmi_jax can compute them.
 
   python -m benchmarks.filter_grad_speed            # the KD step's and generator's shapes (~2 min)
-  python -m benchmarks.filter_grad_speed --quick    # two small shapes, seconds
+  python -m benchmarks.filter_grad_speed --quick    # two small shapes, seconds (JSON in the temp folder)
 
 dk[i, j] = sum over N, H, W of xp[n, h + i, w + j]^T g[n, h, w] for a 3x3, padding-1
 conv, timed per call inside a `lax.fori_loop` (where synthesis and KD run), all
 implementations in one process, interleaved, median of `--repeats`:
-  taps      kh*kw matmuls over shifted windows of the padded input (before 2026-12-06)
+  taps      kh*kw matmuls over shifted windows of the padded input
+            (`layers._filter_grad_windows`; every stride-1 kxk conv before 2026-12-06)
   shift_g   one matmul over kh*kw shifted copies of g (`layers._filter_grad_shift_g`,
             still chosen for a narrow output, C_out < C_in / 4)
   as_conv   one canonical forward conv over the batch (`layers._filter_grad_as_conv`,
@@ -20,6 +21,7 @@ largest |value|. Writes benchmarks/results/filter_grad_speed.json.
 import argparse
 import os
 import statistics
+import tempfile
 import time
 
 import jax
@@ -46,15 +48,8 @@ QUICK = {'quick_8x8x8x8': (8, 8, 8, 8, 8), 'quick_8x8x8x16to2': (8, 8, 8, 16, 2)
 LOOP = 4  # filter gradients per timed call (one fori_loop)
 
 
-def _taps(xp, g):
-  ci, co = xp.shape[-1], g.shape[-1]
-  taps = [jnp.dot(sl.reshape(-1, ci).T, g.reshape(-1, co), preferred_element_type=jnp.float32)
-          for sl in layers._windows(xp, 3, 3, g.shape[1], g.shape[2], 1)]
-  return jnp.stack(taps).reshape(3, 3, ci, co)
-
-
 IMPLS = {
-    'taps': _taps,
+    'taps': lambda xp, g: layers._filter_grad_windows(xp, g, 3, 3, 1),
     'shift_g': lambda xp, g: layers._filter_grad_shift_g(xp, g, 3, 3),
     'as_conv': layers._filter_grad_as_conv,
 }
@@ -122,9 +117,8 @@ def main(argv=None):
     print(f'{name:>34}  ' + '  '.join(f'{k} {v:7.2f} ms' for k, v in row['ms'].items())
           + f"  as_conv/taps {row['ratio_as_conv_to_taps']:.2f}", flush=True)
   result['loadavg_1min_end'] = os.getloadavg()[0]
-  out = args.out or os.path.join(RESULTS if not args.quick else '/tmp',
-                                 'filter_grad_speed.json' if not args.quick
-                                 else 'filter_grad_speed_quick.json')
+  out = args.out or (os.path.join(tempfile.gettempdir(), 'filter_grad_speed_quick.json')
+                     if args.quick else os.path.join(RESULTS, 'filter_grad_speed.json'))
   write_result(out, result)
   return result
 

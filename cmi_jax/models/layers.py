@@ -109,7 +109,6 @@ def _conv_bwd(stride, padding, groups, res, g):
   if groups > 1:
     return _grouped_conv_bwd(stride, padding, groups, x, kernel, g)
   kh, kw, ci, co = kernel.shape
-  n, ho, wo, _ = g.shape
   k_t = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2).astype(g.dtype)  # HWIO of the transpose
   pads = _input_grad_pads(x, kernel, g, stride, padding)
   with jax.named_scope('conv_input_grad'):  # the names let profiles tell the two apart
@@ -117,19 +116,27 @@ def _conv_bwd(stride, padding, groups, res, g):
                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   with jax.named_scope('conv_filter_grad'):
     xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    # Stride 1: one canonical forward conv over the batch (_filter_grad_as_conv), x0.4-0.9
-    # of the shifted matmuls' time, except for a narrow output (the generator's last conv,
-    # C_out < C_in / 4), where shifting g is cheapest; strided: kh*kw shifted matmuls.
+    # Stride 1: one canonical forward conv over the batch (_filter_grad_as_conv; x0.58-0.98
+    # of the window matmuls' time on the student and generator layers measured, see
+    # benchmarks/filter_grad_speed.py), except for a narrow output (the generator's last
+    # conv, C_out < C_in / 4), where shifting g is cheapest; strided and 1x1: windows.
     if stride == 1 and co * 4 < ci:
       dk = _filter_grad_shift_g(xp, g, kh, kw)
     elif stride == 1 and kh * kw > 1:
       dk = _filter_grad_as_conv(xp, g)
     else:
-      g2 = g.reshape(-1, co)
-      taps = [jnp.dot(sl.reshape(-1, ci).T, g2, preferred_element_type=jnp.float32)
-              for sl in _windows(xp, kh, kw, ho, wo, stride)]
-      dk = jnp.stack(taps).reshape(kh, kw, ci, co)
+      dk = _filter_grad_windows(xp, g, kh, kw, stride)
   return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+def _filter_grad_windows(xp, g, kh, kw, stride):
+  """Filter gradient as kh*kw matmuls, one per tap: dk[i, j] = window_ij(xp)^T g over
+  all N, H_out, W_out (the strided window of the padded input that tap (i, j) reads)."""
+  ci, co = xp.shape[-1], g.shape[-1]
+  g2 = g.reshape(-1, co)
+  taps = [jnp.dot(sl.reshape(-1, ci).T, g2, preferred_element_type=jnp.float32)
+          for sl in _windows(xp, kh, kw, g.shape[1], g.shape[2], stride)]
+  return jnp.stack(taps).reshape(kh, kw, ci, co)
 
 
 def _grouped_conv_bwd(stride, padding, groups, x, kernel, g):
@@ -165,16 +172,15 @@ def _filter_grad_as_conv(xp, g):
   transposes make it the canonical layout: XLA's own filter-gradient conv (the same
   sum with swapped dimension numbers) takes the slow path inside loops (see _conv_bwd).
   """
-  _, ho, wo, _ = g.shape
-  out = lax.conv_general_dilated(xp.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3).astype(xp.dtype),
-                                 (1, 1), ((0, 0), (0, 0)),
+  out = lax.conv_general_dilated(xp.transpose(3, 1, 2, 0),
+                                 g.transpose(1, 2, 0, 3).astype(xp.dtype), (1, 1), ((0, 0), (0, 0)),
                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
                                  preferred_element_type=jnp.float32)
   return out.transpose(1, 2, 0, 3)
 
 
 def _filter_grad_shift_g(xp, g, kh, kw):
-  """Stride-1 filter gradient that shifts g instead of x (cheaper when C_out < C_in).
+  """Stride-1 filter gradient that shifts g instead of x (cheapest when C_out < C_in / 4).
 
   dk[i, j] = sum_p xp[p + (i, j)]^T g[p] = sum_q xp[q]^T g_ij[q], with g_ij = g
   placed at offset (i, j) in xp's frame (zeros elsewhere): the kh*kw shifted
