@@ -16,9 +16,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+import flax.linen as nn
 from flax import struct
 
 from cmi_jax import augment, parallel
+from cmi_jax.models import fold
 from cmi_jax.parallel import constrain
 from cmi_jax.state import ClassifierState, select
 from cmi_jax.synthesis.bank import RingBuffer, ring_sample
@@ -244,9 +246,18 @@ def supervised_loss(labels: jax.Array) -> Callable[[jax.Array], jax.Array]:
   return lambda logits: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
-def make_eval_fn(apply_fn: Callable, mean, std) -> Callable:
-  """Jitted (variables, uint8 images, labels, valid mask) -> (#correct, summed CE)."""
+def make_eval_fn(model: Union[nn.Module, Callable], mean, std) -> Callable:
+  """Jitted (variables, uint8 images, labels, valid mask) -> (#correct, summed CE).
+
+  model: a classifier module, run in inference form (BN folded into the convs,
+  `models.fold`: the unfolded logits within float32 rounding), or any
+  apply(variables, x, train=False) function, run as it is.
+  """
   from cmi_jax.augment import normalize, to_float  # pylint: disable=g-import-not-at-top
+  if isinstance(model, nn.Module):
+    apply_fn = lambda variables, x, train: fold.inference_apply(model, variables, x)
+  else:
+    apply_fn = model
 
   @jax.jit
   def eval_batch(variables, images, labels, valid):

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from cmi_jax.models import fold
 from cmi_jax.models.layers import TAPS, BNTap, input_tap
 
 # synthesis.feature_layers: which BN inputs make CMI's contrastive features.
@@ -117,7 +118,8 @@ class Teacher:
     Args:
       x: [N, H, W, C] normalized images (any float dtype).
       taps: also return BN-input statistics and features. With taps=False only
-        logits are computed (KD, the adversarial student).
+        logits are computed (KD, the adversarial student), by the inference form
+        (`models.fold`: BN folded into the convs, the same logits to float32 rounding).
       feature_layers: which BN inputs form `features` (FEATURE_LAYERS).
     Returns:
       TeacherOutput; gradients flow to `x` only.
@@ -125,9 +127,8 @@ class Teacher:
     chex.assert_rank(x, 4)
     variables = jax.lax.stop_gradient(
         {k: v for k, v in self.variables.items() if k != TAPS})
-    if not taps:
-      logits = self.module.apply(variables, x, train=False)
-      return TeacherOutput(logits, (), None, None)
+    if not taps:  # logits only: the inference form, each conv's BN folded into it
+      return TeacherOutput(fold.inference_apply(self.module, variables, x), (), None, None)
     with nn.intercept_methods(_record_flax_layers):
       logits, state = self.module.apply(variables, x, train=False, mutable=[TAPS])
     sown = []

@@ -12,7 +12,7 @@ from cmi_jax.teacher import Teacher
 def teacher_accuracy(cfg, teacher: Teacher, info: data.DatasetInfo, test: data.Split) -> float:
   """Top-1 % of the teacher on the test split (printed)."""
   acc = distill.evaluate_on_hosts(
-      distill.make_eval_fn(teacher.module.apply, info.mean, info.std), teacher.variables,
+      distill.make_eval_fn(teacher.module, info.mean, info.std), teacher.variables,
       test.images, test.labels, cfg.data.eval_batch_size)['accuracy']
   print(f'Teacher accuracy on the {cfg.data.name} test split: {acc:.2f}%')
   return acc

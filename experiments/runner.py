@@ -153,7 +153,7 @@ def _setup(cfg, workdir: str, cleanup: contextlib.ExitStack):
     preview = jax.jit(functools.partial(gan.preview, synth, n=info.num_classes *
                                         cfg.log.grid_per_class * 2))
   session = Session(cfg, workdir, info, synth, plan, teacher, student_module, test, fns,
-                    distill.make_eval_fn(student_module.apply, info.mean, info.std), writer,
+                    distill.make_eval_fn(student_module, info.mean, info.std), writer,
                     ckpt, {n: rng_stream(root, n) for n in ('synthesis', 'pre_synthesis', 'kd')},
                     preview, init, pool_ckpt)
   return session, state, meta

@@ -14,7 +14,8 @@ student: the adversarial term is off. Writes into `--out`:
   * synthetic.npz: `images` [N, H, W, C] uint8 (pixel values, not normalized),
     `labels` [N] int32 (the class each image was synthesized for);
   * contact_sheet.png: one row per class;
-  * synthesis.json: the settings, per-class counts and timing.
+  * synthesis.json: the settings, per-class counts, the teacher check (the share of
+    images the teacher assigns their label, and its mean CE on them) and timing.
 Resumable: the synthesis state (head, bank, and the pool, which holds every image
 so far) is checkpointed in `--out`/progress every `--save_every` rounds and on
 SIGTERM/SIGINT; running the same command again continues, and gives the same
@@ -178,7 +179,7 @@ def synthesize_dataset(teacher, cfg, num_images: int, out: str, seed: int = 0,
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  from cmi_jax import report  # pylint: disable=g-import-not-at-top
+  from cmi_jax import distill, report  # pylint: disable=g-import-not-at-top
   from cmi_jax.checkpoint import Checkpointer, abstract  # pylint: disable=g-import-not-at-top
   from cmi_jax.state import rng_stream  # pylint: disable=g-import-not-at-top
   from cmi_jax.synthesis import algorithms, api, footprint  # pylint: disable=g-import-not-at-top
@@ -246,12 +247,18 @@ def synthesize_dataset(teacher, cfg, num_images: int, out: str, seed: int = 0,
   tmp = os.path.join(out, NPZ + '.tmp.npz')
   np.savez(tmp, images=images, labels=labels)
   os.replace(tmp, os.path.join(out, NPZ))
+  # The teacher check: how many images the teacher assigns the class they were
+  # synthesized for (inference form, models.fold), batches of the synthesis batch size.
+  check = distill.evaluate(distill.make_eval_fn(teacher.module, cfg.mean, cfg.std),
+                           teacher.variables, images, labels,
+                           min(cfg.batch_size, len(labels)))
   sheet = report.class_grid(images, labels, cfg.num_classes, per_row=10)
   report.save_png(os.path.join(out, SHEET), sheet,
                   scale=2 if cfg.image_shape[0] <= 32 else 1)
   summary = {
       'num_images': int(len(images)), 'image_shape': list(images.shape[1:]),
       'per_class': np.bincount(labels, minlength=cfg.num_classes).tolist(),
+      'teacher_check': {'agreement': check['accuracy'], 'mean_ce': check['loss']},
       'rounds': int(state.round), 'seconds_this_session': time.time() - t0,
       'files': {'npz': os.path.abspath(os.path.join(out, NPZ)),
                 'contact_sheet': os.path.abspath(os.path.join(out, SHEET))},
@@ -303,6 +310,10 @@ def main(argv):
     return
   print(f'Wrote {summary["num_images"]} images ({summary["per_class"]} per class) to '
         f'{summary["files"]["npz"]}; contact sheet {summary["files"]["contact_sheet"]}')
+  check = summary.get('teacher_check')
+  if check:  # absent from a report written before the check existed
+    print(f'Teacher check: the teacher assigns {check["agreement"]:.2f}% of the images the '
+          f'class they were synthesized for (mean CE {check["mean_ce"]:.3f}).')
 
 
 if __name__ == '__main__':

@@ -153,7 +153,7 @@ def train(cfg, workdir: str) -> dict:
                                       info.mean, info.std)
       return fit(state, x, labels[idx])
 
-  eval_fn = make_eval_fn(module.apply, info.mean, info.std)
+  eval_fn = make_eval_fn(module, info.mean, info.std)
   writer = MetricWriter(workdir)
   writer.truncate_after(int(state.step))  # rows a crashed run logged after its checkpoint
   writer.write_json('config.json', cfg.to_dict())

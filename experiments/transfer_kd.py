@@ -201,7 +201,7 @@ def _setup(cfg, workdir: str, cleanup: contextlib.ExitStack):
     meta['teacher_accuracy'] = evaluation.teacher_accuracy(cfg, teacher, info, test)
   labels = None if transfer.labels is None else parallel.replicate(mesh, transfer.labels)
   session = Session(cfg, workdir, info, teacher, transfer, test, steps_per_epoch, total,
-                    schedule, kd_fn, distill.make_eval_fn(student.apply, info.mean, info.std),
+                    schedule, kd_fn, distill.make_eval_fn(student, info.mean, info.std),
                     writer, ckpt, rng_stream(root, 'kd'),
                     parallel.replicate(mesh, transfer.images), labels)
   return session, state, meta

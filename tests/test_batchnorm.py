@@ -96,3 +96,30 @@ def test_batchnorm_train_forward_backward_and_running_stats_match_pytorch():
   np.testing.assert_allclose(stats['mean'], tbn.running_mean.numpy(), rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(stats['var'], tbn.running_var.numpy(), rtol=1e-5, atol=1e-6)
 
+
+
+def test_input_tap_moments_and_gradient_match_float64():
+  # The teacher's BN-input taps (per-sample spatial mean and biased variance, what L_bn
+  # and the contrastive features read) in one pass, shifted by each sample's first
+  # pixel: channel 2 sits at mean 40 with std 0.5, where an unshifted one-pass
+  # E[x^2] - E[x]^2 would lose ~3 digits of the variance in float32.
+  x, _, _, _, _, _ = _data(3, (3, 5, 7, 3))
+  rng = np.random.default_rng(4)
+  wm, wv = rng.normal(size=(2, 3, 3)).astype(np.float32)
+  x64 = x.astype(np.float64)
+  m64, v64 = x64.mean((1, 2)), x64.var((1, 2))
+  n = 5 * 7
+  dx64 = (wm[:, None, None, :] + 2.0 * wv[:, None, None, :] * (x64 - m64[:, None, None, :])) / n
+
+  def objective(x):
+    tap = layers.input_tap(x, jnp.zeros(3), jnp.ones(3))
+    return jnp.sum(wm * tap.mean) + jnp.sum(wv * tap.var), tap
+
+  (_, tap), dx = jax.value_and_grad(objective, has_aux=True)(jnp.asarray(x))
+  np.testing.assert_allclose(tap.mean, m64, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(tap.var, v64, rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(dx, dx64, rtol=1e-4, atol=1e-6)
+  # [N, C] features (a BN1d input): each sample is its own mean, with variance 0.
+  flat = layers.input_tap(jnp.asarray(x[:, 0, 0, :]), jnp.zeros(3), jnp.ones(3))
+  np.testing.assert_array_equal(flat.mean, x[:, 0, 0, :])
+  np.testing.assert_array_equal(flat.var, np.zeros((3, 3), np.float32))

@@ -16,7 +16,7 @@ import pytest
 from absl import app, flags
 from PIL import Image
 
-from cmi_jax import report
+from cmi_jax import data, report, teacher_io
 from cmi_jax.synthesis import api
 from experiments import synthesize
 from tests.helpers import ROOT
@@ -95,6 +95,18 @@ def test_dataset_files(runs):
   np.testing.assert_array_equal(sheet, expected.repeat(2, 0).repeat(2, 1))
   assert not os.path.exists(os.path.join(full, 'progress'))  # removed once finished
   assert f'Wrote {N} images' in runs['stdout_full']
+  # The teacher check, recomputed here with the unfolded network.
+  module, variables, card = teacher_io.load_teacher(TEACHER)
+  info = data.get_info(card['meta']['dataset'])
+  x = (images.astype(np.float32) / 255.0 - np.asarray(info.mean)) / np.asarray(info.std)
+  logits = np.asarray(module.apply(variables, x, train=False), np.float64)
+  logp = logits - logits.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  assert rep['teacher_check']['agreement'] == pytest.approx(
+      100.0 * np.mean(logits.argmax(-1) == labels), abs=1e-9)
+  assert rep['teacher_check']['mean_ce'] == pytest.approx(
+      -np.mean(logp[np.arange(N), labels]), rel=1e-5)
+  assert f'assigns {rep["teacher_check"]["agreement"]:.2f}% of the images' in runs['stdout_full']
 
 
 def test_resume_after_sigterm_is_exact(runs):

@@ -22,6 +22,7 @@ from jax import lax
 from cmi_jax.models.conv_taps import depthwise_conv2d, is_depthwise
 from cmi_jax.models.conv_taps import input_grad_pads as _input_grad_pads
 from cmi_jax.models.conv_taps import windows as _windows
+from cmi_jax.models.norm_ops import batch_norm_train, sample_moments
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -57,11 +58,9 @@ def input_tap(x: jax.Array, running_mean: jax.Array, running_var: jax.Array) -> 
   keeps the batch statistics of `subset_batch_stats` exact).
   """
   xf = x.astype(jnp.float32)
-  axes = tuple(range(1, xf.ndim - 1))
-  if not axes:
+  if xf.ndim == 2:
     return BNTap(xf, jnp.zeros_like(xf), running_mean, running_var)
-  m = jnp.mean(xf, axis=axes)                                             # [N, C]
-  v = jnp.mean(jnp.square(xf - jnp.expand_dims(m, axes)), axis=axes)      # [N, C]
+  m, v = sample_moments(xf)                                               # [N, C] each
   return BNTap(m, v, running_mean, running_var)
 
 
@@ -338,13 +337,8 @@ class BatchNorm(nn.Module):
     if self.is_mutable_collection(TAPS):
       self.sow(TAPS, 'bn', input_tap(xf, ra_mean.value, ra_var.value))
 
-    if train:
-      mean = jnp.mean(xf, axis=(0, 1, 2))
-      if self.axis_name is not None:
-        mean = lax.pmean(mean, self.axis_name)
-      var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))
-      if self.axis_name is not None:
-        var = lax.pmean(var, self.axis_name)
+    if train:  # one read of x for both statistics, a two-pass backward (norm_ops)
+      y, mean, var = batch_norm_train(xf, scale, bias, self.epsilon, self.axis_name)
       if not self.is_initializing():
         n = x.shape[0] * x.shape[1] * x.shape[2]
         if self.axis_name is not None:
@@ -353,10 +347,8 @@ class BatchNorm(nn.Module):
         ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * unbiased
     else:
-      mean, var = ra_mean.value, ra_var.value
-
-    mul = scale * lax.rsqrt(var + self.epsilon)
-    y = xf * mul + (bias - mean * mul)
+      mul = scale * lax.rsqrt(ra_var.value + self.epsilon)
+      y = xf * mul + (bias - ra_mean.value * mul)
     return y.astype(self.dtype or x.dtype)
 
 

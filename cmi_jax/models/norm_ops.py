@@ -93,19 +93,27 @@ def _bn_train_fwd(x, scale, bias, epsilon, axis_name):
 
 def _bn_train_bwd(epsilon, axis_name, res, cotangents):
   """dx = scale * rstd * (gy - mean(gy) - xhat * mean(gy * xhat)) plus the terms of
-  the mean's and variance's own cotangents (1/n and 2 (x - mean) / n)."""
+  the mean's and variance's own cotangents (1/n and 2 (x - mean) / n).
+
+  Under pmap (axis_name) dx needs the global sums (every device's x moved the shared
+  statistics), but scale and bias get this device's own sums, as autodiff of the
+  pmean'd textbook form gives them: the caller's gradient pmean then averages them.
+  """
   del epsilon
   x, mean, rstd, scale = res
   gy, gmean, gvar = cotangents
   n = _bn_count(x, axis_name)
   xc = x - mean
-  dbias, dxc = _channel_sums((gy, gy * xc), axis_name)
+  local = _channel_sums((gy, gy * xc), None)
+  dbias, dxc = local
   dscale = dxc * rstd
+  if axis_name is not None:  # one collective for the four global sums dx needs
+    dbias, dxc, gmean, gvar = lax.psum(local + (gmean, gvar), axis_name)
   mul = scale * rstd
-  a = mul * dscale * rstd / n - 2.0 * gvar / n            # coefficient of (x - mean)
+  a = mul * dxc * rstd * rstd / n - 2.0 * gvar / n        # coefficient of (x - mean)
   b = gmean / n - mul * dbias / n                          # constant per channel
   dx = gy * mul - xc * a + b
-  return dx, dscale, dbias
+  return dx, dscale, local[0]
 
 
 batch_norm_train.defvjp(_bn_train_fwd, _bn_train_bwd)
