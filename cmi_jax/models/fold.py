@@ -23,6 +23,7 @@ import functools
 from typing import Any, Callable, Dict, NamedTuple, Tuple
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -115,45 +116,27 @@ def find_pairs(module: nn.Module, variables: Any, x: Any) -> Tuple[Pair, ...]:
   return tuple(p for i, p in pairs if readers.get(f'{_MARK}conv{i}') == [f'{_MARK}bn{i}'])
 
 
-def _get(tree, path: Path):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
-def _set(tree, path: Path, leaf_name: str, value) -> Dict:
-  """A copy of nested dict `tree` with tree[path...][leaf_name] = value (dicts on the
-  path are copied, the rest shared)."""
-  tree = dict(tree)
-  if not path:
-    tree[leaf_name] = value
-    return tree
-  tree[path[0]] = _set(tree.get(path[0], {}), path[1:], leaf_name, value)
-  return tree
-
-
 def fold_variables(variables: Any, pairs: Tuple[Pair, ...]) -> Dict[str, Any]:
   """Variables of the inference form: each pair's conv kernel (and bias, if any) scaled
   by its BN's mul per output channel, the BN's `add` as the conv's FOLDED bias, and a
   FOLDED 'skip' marker on the BN. Pure and cheap (per-channel products): call it
   inside the jitted function, so new variables need no new fold."""
-  params, stats = variables['params'], variables['batch_stats']
-  out = {k: v for k, v in variables.items()}
-  folded = dict(variables.get(FOLDED, {}))
+  params = traverse_util.flatten_dict(variables['params'])
+  stats = traverse_util.flatten_dict(variables['batch_stats'])
+  folded = {}
   for p in pairs:
-    bn_p, bn_s = _get(params, p.bn), _get(stats, p.bn)
-    mean, var = bn_s['mean'].astype(jnp.float32), bn_s['var'].astype(jnp.float32)
-    scale = bn_p['scale'].astype(jnp.float32) if 'scale' in bn_p else jnp.ones_like(var)
-    bias = bn_p['bias'].astype(jnp.float32) if 'bias' in bn_p else jnp.zeros_like(var)
+    mean, var = (stats[p.bn + (k,)].astype(jnp.float32) for k in ('mean', 'var'))
+    scale = params.get(p.bn + ('scale',), jnp.ones_like(var)).astype(jnp.float32)
+    bias = params.get(p.bn + ('bias',), jnp.zeros_like(var)).astype(jnp.float32)
     mul = scale * lax.rsqrt(var + p.epsilon)
-    conv = _get(params, p.conv)
-    params = _set(params, p.conv, 'kernel', (conv['kernel'] * mul).astype(conv['kernel'].dtype))
-    if 'bias' in conv:
-      params = _set(params, p.conv, 'bias', (conv['bias'] * mul).astype(conv['bias'].dtype))
-    folded = _set(folded, p.conv, 'bias', bias - mean * mul)
-    folded = _set(folded, p.bn, 'skip', jnp.zeros((), jnp.float32))
-  out['params'], out[FOLDED] = params, folded
-  return out
+    for name in ('kernel', 'bias'):  # the conv's own bias too, where it has one
+      if p.conv + (name,) in params:
+        w = params[p.conv + (name,)]
+        params[p.conv + (name,)] = (w * mul).astype(w.dtype)
+    folded[p.conv + ('bias',)] = bias - mean * mul
+    folded[p.bn + ('skip',)] = jnp.zeros((), jnp.float32)
+  return dict(variables, params=traverse_util.unflatten_dict(params),
+              **{FOLDED: traverse_util.unflatten_dict(folded)})
 
 
 def _run_folded(next_fun, args, kwargs, context):
