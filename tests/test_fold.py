@@ -170,3 +170,27 @@ def test_eval_fn_of_a_module_is_folded_and_counts_as_the_plain_one():
   x = (images.astype(np.float32) / 255.0 - 0.5) / 0.25
   logits = np.asarray(module.apply(variables, x, train=False), np.float64)
   assert folded['accuracy'] == pytest.approx(100.0 * np.mean(logits.argmax(-1) == labels))
+
+
+class _SquaredConv(nn.Conv):
+  """A subclass whose __call__ is not linear in the kernel: must never fold."""
+
+  def __call__(self, x):
+    return jnp.square(super().__call__(x))
+
+
+class _SubclassNet(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool):
+    y = _SquaredConv(4, (3, 3), use_bias=False, name='sq')(x)
+    y = nn.BatchNorm(use_running_average=not train, name='bn')(y)
+    return nn.Dense(3, name='fc')(jnp.mean(y, axis=(1, 2)))
+
+
+def test_conv_subclasses_are_not_folded():
+  module = _SubclassNet()
+  variables = random_variables(module, (1, 6, 6, 2), seed=2, train=False)
+  x = jax.random.normal(jax.random.key(1), (2, 6, 6, 2))
+  assert fold.pairs_for(module, variables, x) == ()
+  np.testing.assert_array_equal(fold.inference_apply(module, variables, x),
+                                module.apply(variables, x, train=False))

@@ -10,8 +10,8 @@ float32 rounding (tests/test_fold.py: every zoo classifier within 1e-5), and a
 conv + bias (+ ReLU) that XLA's GPU backend runs as one fused cuDNN call.
 
 Which BNs fold is found by tracing, not by architecture: a BN (cmi_jax's or flax's,
-in running-average mode) folds into the conv (cmi_jax's or flax's) whose output is
-its input and nothing else's. Pre-activation nets (WRN: bn -> relu -> conv) fold the
+in running-average mode) folds into the conv (cmi_jax's or flax's; those classes
+exactly, not subclasses) whose output is its input and nothing else's. Pre-activation nets (WRN: bn -> relu -> conv) fold the
 BNs that follow a conv (7 of WRN-16-2's 13); a BN after a residual sum stays. The
 "nothing else's" is checked on the traced program (the conv's output has exactly
 one consumer, the BN), so a model that also reads a conv's raw output (a tap, a
@@ -32,6 +32,7 @@ from jax.extend import core as jex_core
 from cmi_jax.models import layers
 
 FOLDED = 'folded'  # variables collection: a folded conv's 'bias', a folded BN's 'skip'
+# Exactly these classes (not subclasses, which may compute something else in __call__).
 _CONVS = (layers.Conv, nn.Conv)
 _BNS = (layers.BatchNorm, nn.BatchNorm)
 _MARK = 'cmi_jax_fold_'  # names of the identity jits that mark a pair in the traced program
@@ -94,11 +95,11 @@ def find_pairs(module: nn.Module, variables: Any, x: Any) -> Tuple[Pair, ...]:
     m = context.module
     if context.method_name != '__call__' or not args:
       return next_fun(*args, **kwargs)
-    if isinstance(m, _CONVS):
+    if type(m) in _CONVS:
       y = _marker(f'{_MARK}conv{len(convs)}')(next_fun(*args, **kwargs))
       convs.append((m.scope.path, y))
       return y
-    if isinstance(m, _BNS) and _bn_in_inference(m, args, kwargs):
+    if type(m) in _BNS and _bn_in_inference(m, args, kwargs):
       for i, (path, y) in enumerate(convs):
         if args[0] is y:
           pairs.append((i, Pair(path, m.scope.path, float(m.epsilon))))
@@ -144,10 +145,10 @@ def _run_folded(next_fun, args, kwargs, context):
   the BN computed), a folded BN passes its input through in the BN's output dtype."""
   m = context.module
   if context.method_name == '__call__' and args:
-    if isinstance(m, _CONVS) and m.has_variable(FOLDED, 'bias'):
+    if type(m) in _CONVS and m.has_variable(FOLDED, 'bias'):
       y = next_fun(*args, **kwargs)
       return (y.astype(jnp.float32) + m.get_variable(FOLDED, 'bias')).astype(y.dtype)
-    if isinstance(m, _BNS) and m.has_variable(FOLDED, 'skip'):
+    if type(m) in _BNS and m.has_variable(FOLDED, 'skip'):
       x = args[0]
       if isinstance(m, layers.BatchNorm):
         return x.astype(m.dtype or x.dtype)
