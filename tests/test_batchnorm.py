@@ -1,5 +1,7 @@
-"""The train-mode BatchNorm: values and every gradient against a float64 numpy
-derivation and against PyTorch's BatchNorm2d (forward, backward, running stats)."""
+"""The train-mode BatchNorm and the BN-input taps, on both paths (norm_ops' one-pass
+VJPs, the CPU's; the textbook forms, GPU/TPU's): values and every gradient against a
+float64 numpy derivation and against PyTorch's BatchNorm2d (forward, backward, running
+stats)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +9,14 @@ import numpy as np
 import pytest
 
 from cmi_jax.models import layers
+
+
+@pytest.fixture(params=[True, False], ids=['one_pass', 'textbook'], autouse=True)
+def bn_path(request, monkeypatch):
+  """Every test on both BN paths: norm_ops' one-pass VJPs (the CPU's) and the textbook
+  forms (GPU/TPU), whichever backend runs the tests."""
+  monkeypatch.setattr(layers, 'one_pass_bn', lambda: request.param)
+  return request.param
 
 
 def _data(seed=0, shape=(4, 5, 6, 3), offset=(0.5, -2.0, 40.0), spread=(1.0, 3.0, 0.5)):
