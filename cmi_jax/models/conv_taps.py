@@ -1,8 +1,10 @@
 """Per-tap pieces of the CPU explicit-gradient convolutions, and the depthwise conv.
 
-`windows` and `input_grad_pads` serve every explicit-gradient conv of
-`cmi_jax.models.layers`. `depthwise_conv2d` is the CPU path of a depthwise conv
-(PyTorch groups == C_in == C_out, MobileNetV2's and ShuffleNetV2's 3x3 convs):
+`windows`, `input_grad_pads` and the three filter gradients (`filter_grad_as_conv`,
+`filter_grad_shift_g`, `filter_grad_windows`; which serves which conv: see
+`layers._conv_bwd`) serve every explicit-gradient conv of `cmi_jax.models.layers`.
+`depthwise_conv2d` is the CPU path of a depthwise conv (PyTorch groups == C_in ==
+C_out, MobileNetV2's and ShuffleNetV2's 3x3 convs):
 XLA:CPU runs a depthwise `conv_general_dilated` far below memory speed (measured on
 MobileNetV2's and ShuffleNetV2's shapes, jax 0.12: 2-50x slower than this for the
 forward, 12-50x with both gradients, 17x and more inside a scan;
@@ -111,3 +113,52 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int)
     raise ValueError(f'depthwise_conv2d needs a [kh, kw, 1, C] kernel for C={x.shape[-1]} '
                      f'input channels, got {kernel.shape}.')
   return _depthwise(x, kernel, stride, padding)
+
+
+def filter_grad_windows(xp, g, kh, kw, stride):
+  """Filter gradient as kh*kw matmuls, one per tap: dk[i, j] = window_ij(xp)^T g over
+  all N, H_out, W_out (the strided window of the padded input that tap (i, j) reads)."""
+  ci, co = xp.shape[-1], g.shape[-1]
+  g2 = g.reshape(-1, co)
+  taps = [jnp.dot(sl.reshape(-1, ci).T, g2, preferred_element_type=jnp.float32)
+          for sl in windows(xp, kh, kw, g.shape[1], g.shape[2], stride)]
+  return jnp.stack(taps).reshape(kh, kw, ci, co)
+
+
+def filter_grad_as_conv(xp, g):
+  """Stride-1 filter gradient as ONE canonical NHWC/HWIO forward convolution.
+
+  dk[i, j, c, o] = sum_{n,h,w} xp[n, h + i, w + j, c] g[n, h, w, o] is a forward conv
+  whose batch is C_in, whose input channels are the samples N and whose kernel is g
+  ([H_out, W_out, N, C_out]); its output is [C_in, kh, kw, C_out]. Only the explicit
+  transposes make it the canonical layout: XLA's own filter-gradient conv (the same
+  sum with swapped dimension numbers) takes the slow path inside loops (layers._conv_bwd).
+  """
+  # The barrier makes XLA transpose the materialized xp and g. Without it, XLA fuses
+  # their producers (the BN / ReLU recompute that gives x, the BN backward that gives g)
+  # into the transposing loop, which then gathers at a stride of a whole sample: the KD
+  # step at 32x32x3 B=128 spent ~33 ms of ~215 there. With it: KD step x0.83 there,
+  # x0.94 at B=64, 28x28x1 x0.99-1.01, synthesis x0.97-1.0 (one process, speed_log).
+  xp, g = lax.optimization_barrier((xp, g))
+  out = lax.conv_general_dilated(xp.transpose(3, 1, 2, 0),
+                                 g.transpose(1, 2, 0, 3).astype(xp.dtype), (1, 1), ((0, 0), (0, 0)),
+                                 dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                 preferred_element_type=jnp.float32)
+  return out.transpose(1, 2, 0, 3)
+
+
+def filter_grad_shift_g(xp, g, kh, kw):
+  """Stride-1 filter gradient that shifts g instead of x (cheapest when C_out < C_in / 4).
+
+  dk[i, j] = sum_p xp[p + (i, j)]^T g[p] = sum_q xp[q]^T g_ij[q], with g_ij = g
+  placed at offset (i, j) in xp's frame (zeros elsewhere): the kh*kw shifted
+  copies are of the narrow g, and all taps are one matmul [C_in, kh*kw*C_out].
+  """
+  n, hp, wp, ci = xp.shape
+  _, ho, wo, co = g.shape
+  shifted = [jnp.pad(g, ((0, 0), (i, hp - ho - i), (j, wp - wo - j), (0, 0)))
+             for i in range(kh) for j in range(kw)]
+  g_all = jnp.concatenate(shifted, axis=-1).reshape(-1, kh * kw * co)
+  dk = jnp.dot(xp.reshape(-1, ci).T, g_all, preferred_element_type=jnp.float32)
+  return dk.reshape(ci, kh, kw, co).transpose(1, 2, 0, 3)
+

@@ -7,16 +7,18 @@ convolution with the kernel's output channels scaled by mul plus a bias `add`:
 a frozen network needs no BN at run time. `inference_apply` is
 `module.apply(variables, x, train=False)` in that form: the same logits up to
 float32 rounding (tests/test_fold.py: every zoo classifier within 1e-5), and a
-conv + bias (+ ReLU) that XLA's GPU backend runs as one fused cuDNN call.
+conv + bias (+ ReLU), which XLA's GPU backend can fuse into one cuDNN call (not
+measured here).
 
 Which BNs fold is found by tracing, not by architecture: a BN (cmi_jax's or flax's,
 in running-average mode) folds into the conv (cmi_jax's or flax's; those classes
-exactly, not subclasses) whose output is its input and nothing else's. Pre-activation nets (WRN: bn -> relu -> conv) fold the
-BNs that follow a conv (7 of WRN-16-2's 13); a BN after a residual sum stays. The
-"nothing else's" is checked on the traced program (the conv's output has exactly
-one consumer, the BN), so a model that also reads a conv's raw output (a tap, a
-skip connection) keeps that BN as it is. No BN statistics or taps come out of this
-form: L_bn and the contrastive features read the unfolded network (`Teacher`).
+exactly, not subclasses) whose output is its input and nothing else's. Pre-activation
+nets (WRN: bn -> relu -> conv) fold the BNs that follow a conv (7 of WRN-16-2's 13); a
+BN after a residual sum stays. The "nothing else's" is checked on the traced program
+(the conv's output has exactly one consumer, the BN), so a model that also reads a
+conv's raw output (a tap, a skip connection) keeps that BN as it is. No BN statistics
+or taps come out of this form: L_bn and the contrastive features read the unfolded
+network (`Teacher`).
 """
 
 import functools
