@@ -117,7 +117,8 @@ def _conv_bwd(stride, padding, groups, res, g):
   which would make a lax.scan over synthesis or KD steps 4-5x slower than the
   same steps unrolled. Here the input gradient is a forward convolution of g
   (dilated by the stride) with the flipped, transposed kernel, and the filter
-  gradient is kh*kw shifted matmuls; both run at full speed in and out of loops.
+  gradient is one of conv_taps' three (a forward conv over the batch, shifted g, or
+  kh*kw window matmuls; below); all run at full speed in and out of loops.
   """
   x, kernel = res
   if groups > 1:
