@@ -69,8 +69,8 @@ def _marker(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 def _consumers(jaxpr, counts: Dict[str, Any]) -> None:
-  """For every marker call in jaxpr and its sub-jaxprs: its name -> (its output var, the
-  names of the equations reading that var, or 'out' where the jaxpr returns it)."""
+  """Fills counts[name] for every conv marker call in jaxpr and its sub-jaxprs: the names
+  of the equations that read the marker's output ('out' where the jaxpr returns it)."""
   readers: Dict[Any, list] = {}
   for eqn in jaxpr.eqns:
     name = str(eqn.params.get('name', ''))
@@ -159,9 +159,10 @@ def _run_folded(next_fun, args, kwargs, context):
 
 
 def _signature(variables, x) -> Tuple:
-  shapes = jax.tree_util.tree_map(lambda a: (tuple(a.shape), str(a.dtype)), variables)
-  leaves, treedef = jax.tree_util.tree_flatten(shapes, is_leaf=lambda a: isinstance(a, tuple))
-  return (treedef, tuple(leaves), tuple(x.shape), str(x.dtype))
+  """A hashable key of the variables' tree, their shapes and dtypes, and x's."""
+  leaves, treedef = jax.tree_util.tree_flatten(variables)
+  return (treedef, tuple((tuple(a.shape), str(a.dtype)) for a in leaves),
+          tuple(x.shape), str(x.dtype))
 
 
 @functools.lru_cache(maxsize=64)
